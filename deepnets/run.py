@@ -1,0 +1,363 @@
+"""config -> data + model -> LightningModule -> Trainer -> run directory.
+
+`train(cfg)` is the whole pipeline; the CLI only parses arguments and calls it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    TQDMProgressBar,
+)
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from deepnets.checkpoint import RNGState, SafeCheckpointIO, load_checkpoint
+from deepnets.config import Config, to_yaml
+from deepnets.data import InMemoryDataModule
+from deepnets.errors import UserError
+from deepnets.models import build_model
+from deepnets.module import Classifier
+
+RUN_DIR_ENV = "DEEPNETS_RUN_DIR"  # rank 0 hands its run directory to the DDP ranks it launches
+
+
+@dataclass
+class RunResult:
+    run_dir: Path | None
+    status: str  # completed | early_stopped | diverged | interrupted
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("completed", "early_stopped")
+
+
+class Diverged(Exception):
+    def __init__(self, step: int) -> None:
+        super().__init__(f"loss became non-finite at step {step}")
+        self.step = step
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} received; stopped after step {step}")
+        self.signum = signum
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def _is_rank_zero() -> bool:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    return True
+
+
+def make_run_dir(output_dir: str | Path, name: str) -> Path:
+    """Create `<output_dir>/<name>/version_<n>/` with the next free n.
+
+    mkdir without exist_ok is the lock: two runs started at once get different versions.
+    """
+    root = Path(output_dir) / name
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        taken = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
+        n = max(taken, default=-1) + 1
+        while True:
+            try:
+                (root / f"version_{n}").mkdir()
+                break
+            except FileExistsError:
+                n += 1
+        run_dir = root / f"version_{n}"
+        probe = run_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output_dir {output_dir} is not writable: {e.strerror or e}") from None
+    return run_dir
+
+
+def find_last_checkpoint(output_dir: str | Path, name: str) -> Path:
+    """The newest intact `last.ckpt` among `<output_dir>/<name>/version_*` (by modification time)."""
+    root = Path(output_dir) / name
+    candidates = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        try:
+            load_checkpoint(path)
+            return path
+        except UserError as e:
+            warnings.warn(f"skipping {path}: {e}", stacklevel=2)
+    raise UserError(f"--resume last: no intact checkpoint under {root}/version_*/checkpoints/")
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+class DivergenceGuard(Callback):
+    """Stops the run when the training loss becomes non-finite, before it is checkpointed.
+
+    `isfinite` is accumulated on the device every step; reading it back is a
+    host sync, so on an accelerator it is read only on logging steps and
+    before checkpoints (on the CPU it costs nothing and is read every step).
+    Runs before ModelCheckpoint (Lightning orders checkpoint callbacks last),
+    so a diverged step is never saved.
+    """
+
+    def __init__(self, check_every_n_steps: int, checkpoint_every_n_steps: int | None) -> None:
+        self.every = check_every_n_steps
+        self.ckpt_every = checkpoint_every_n_steps
+        self._finite: torch.Tensor | None = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        finite = torch.isfinite(loss.detach())
+        self._finite = finite if self._finite is None else self._finite & finite
+        step = trainer.global_step
+        due = (
+            pl_module.device.type == "cpu"
+            or step % self.every == 0
+            or (self.ckpt_every is not None and step % self.ckpt_every == 0)
+            or batch_idx + 1 >= trainer.num_training_batches
+        )
+        if due and not bool(self._finite):
+            raise Diverged(step)
+
+
+class GracefulInterrupt(Callback):
+    """SIGTERM / SIGINT: finish the step in flight, save last.ckpt, then stop the run.
+
+    Replaces Lightning's SIGTERM notifier for the duration of training and
+    turns Ctrl+C from a KeyboardInterrupt mid-step into the same clean stop.
+    """
+
+    def __init__(self, ckpt_dir: Path | None) -> None:
+        self.ckpt_dir = ckpt_dir
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.signum is None:
+            return
+        if self.ckpt_dir is not None:
+            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+        raise Interrupted(self.signum, trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def build_trainer(cfg: Config, run_dir: Path | None, callbacks: list[Callback]) -> L.Trainer:
+    t = cfg.trainer
+    logger: Any = False
+    if run_dir is not None and cfg.logging.tensorboard:
+        logger = TensorBoardLogger(
+            save_dir=str(run_dir.parent.parent),
+            name=run_dir.parent.name,
+            version=run_dir.name,
+            default_hp_metric=False,
+        )
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision={"32": "32-true", "64": "64-true"}.get(t.precision, t.precision),
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        deterministic=t.deterministic,
+        log_every_n_steps=t.log_every_n_steps,
+        fast_dev_run=t.fast_dev_run,
+        overfit_batches=t.overfit_batches,
+        limit_val_batches=t.limit_val_batches,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        gradient_clip_val=cfg.optim.grad_clip_norm,
+        gradient_clip_algorithm="norm",
+        detect_anomaly=t.detect_anomaly,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir) if run_dir else None,
+        plugins=[SafeCheckpointIO()],
+        num_sanity_val_steps=0,
+    )
+
+
+def _callbacks(
+    cfg: Config, run_dir: Path | None
+) -> tuple[list[Callback], ModelCheckpoint | None, EarlyStopping | None]:
+    ckpt_dir = run_dir / "checkpoints" if run_dir else None
+    callbacks: list[Callback] = [
+        RNGState(),
+        DivergenceGuard(cfg.trainer.log_every_n_steps, cfg.checkpoint.every_n_steps),
+        GracefulInterrupt(ckpt_dir),
+    ]
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps))
+    if cfg.logging.grad_norm_every_n_steps > 0:
+        try:
+            from deepnets.monitor import GradientFlowMonitor
+        except ImportError:  # the monitor lands separately; training works without it
+            pass
+        else:
+            callbacks.append(GradientFlowMonitor(cfg.logging, run_dir))
+    early = None
+    if cfg.early_stopping.enabled:
+        e = cfg.early_stopping
+        early = EarlyStopping(monitor=e.monitor, mode=e.mode, patience=e.patience, min_delta=e.min_delta)
+        callbacks.append(early)
+    if run_dir is not None and cfg.logging.tensorboard and cfg.scheduler.name != "none":
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    ckpt = None
+    if ckpt_dir is not None and cfg.checkpoint.enabled:
+        c = cfg.checkpoint
+        ckpt = ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="best-{epoch:03d}-{step:06d}",
+            monitor=c.monitor,
+            mode=c.mode,
+            save_top_k=c.save_top_k,
+            save_last=True,
+            auto_insert_metric_name=False,
+        )
+        callbacks.append(ckpt)
+        if c.every_n_steps:  # a second checkpointer: last.ckpt every N steps, for mid-epoch resume
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=ckpt_dir,
+                    filename="last",
+                    every_n_train_steps=c.every_n_steps,
+                    save_top_k=0,
+                    save_last=True,
+                    save_on_train_epoch_end=False,
+                )
+            )
+    return callbacks, ckpt, early
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        value = float(v.item() if isinstance(v, torch.Tensor) else v)
+        out[k.removesuffix("_epoch")] = value if math.isfinite(value) else str(value)  # type: ignore[assignment]
+    return out
+
+
+def write_metrics(run_dir: Path, payload: dict[str, Any]) -> None:
+    tmp = run_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, run_dir / "metrics.json")
+
+
+def resolve_resume(cfg: Config, resume: str | None) -> tuple[Path | None, Path | None]:
+    """(checkpoint to resume from, run directory to continue in) for `--resume last|PATH`."""
+    if resume is None:
+        return None, None
+    path = find_last_checkpoint(cfg.output_dir, cfg.name) if resume == "last" else Path(resume)
+    load_checkpoint(path)  # fail now, with the file named, not deep inside Lightning
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    if run_dir is not None and not (run_dir / "config.yaml").is_file():
+        run_dir = None
+    return path, run_dir
+
+
+def train(cfg: Config, resume: str | None = None) -> RunResult:
+    """Fit, test the best checkpoint, and write the run directory; returns how the run ended."""
+    start = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_path, run_dir = resolve_resume(cfg, resume)
+    writes = not cfg.trainer.fast_dev_run
+    if not writes:
+        run_dir = None
+    elif RUN_DIR_ENV in os.environ:  # a DDP rank launched by rank 0
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+    elif run_dir is None and _is_rank_zero():
+        run_dir = make_run_dir(cfg.output_dir, cfg.name)
+    rank_zero = _is_rank_zero()
+    if run_dir is not None and rank_zero:
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    data = InMemoryDataModule(cfg.data, cfg.seed)
+    data.setup("fit")  # read files now: missing or corrupt data fails before a model is built
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    if cfg.trainer.compile:
+        model.compile()  # in place: state_dict keys stay those of the plain model
+    module = Classifier(model, cfg)
+    callbacks, ckpt, early = _callbacks(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks)
+
+    status, error = "completed", None
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        if early is not None and early.stopped_epoch > 0:
+            status = "early_stopped"
+    except Diverged as e:
+        status, error = "diverged", str(e)
+    except Interrupted as e:
+        status, error = "interrupted", str(e)
+    metrics = _scalar_metrics(trainer.callback_metrics)
+    best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+    if status in ("completed", "early_stopped") and cfg.trainer.test:
+        use_best = best is not None and cfg.early_stopping.restore_best
+        trainer.test(module, datamodule=data, ckpt_path=best if use_best else None, verbose=False)
+        metrics.update(_scalar_metrics({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}))
+    result = RunResult(run_dir, status, metrics)
+    if run_dir is not None and trainer.is_global_zero:
+        write_metrics(
+            run_dir,
+            {
+                "status": status,
+                "error": error,
+                "metrics": metrics,
+                "epochs": trainer.current_epoch,
+                "steps": trainer.global_step,
+                "wall_seconds": round(time.perf_counter() - start, 3),
+                "best_checkpoint": best,
+                "resumed_from": str(ckpt_path) if ckpt_path else None,
+                "seed": cfg.seed,
+            },
+        )
+    return result
