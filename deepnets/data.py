@@ -166,7 +166,7 @@ def _load_torchvision(cfg: DataConfig, train: bool) -> tuple[Tensor, Tensor]:
         ds = cls(root=cfg.root, train=train, download=cfg.download)
     except RuntimeError as e:
         if "not found" not in str(e):
-            raise UserError(f"cannot read {cfg.name} under data.root={cfg.root}: {_first_line(e)}") from None
+            raise UserError(f"{_culprit(cfg.name, folder, train)}: corrupt or truncated: {_first_line(e)}") from None
         raise UserError(
             f"{cfg.name} files not found under data.root={cfg.root} (expected {_expected_files(cfg.name, folder)}); "
             "set data.download=true or copy the files there"
@@ -191,8 +191,10 @@ def _first_line(e: BaseException) -> str:
 
 def _expected_files(name: str, folder: Path) -> str:
     if name == "cifar10":
-        return str(folder / "{data_batch_1..5,test_batch}")
-    return str(folder / "{train,t10k}-{images-idx3,labels-idx1}-ubyte")
+        names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    else:
+        names = [f"{s}-{kind}-ubyte" for s in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+    return f"{folder}/ with {', '.join(names)}"
 
 
 def _culprit(name: str, folder: Path, train: bool) -> str:
@@ -236,6 +238,10 @@ def _cifar10_class() -> type:
         def _check_integrity(self) -> bool:
             base = Path(self.root) / self.base_folder
             return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
+
+        def _load_meta(self) -> None:
+            self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     return CIFAR10Files
 
