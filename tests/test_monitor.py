@@ -1,0 +1,331 @@
+"""GradientFlowMonitor: exact norms, zero cost off the logging steps, TensorBoard output, warnings, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, TensorDataset
+
+from deepnets.config import LoggingConfig
+from deepnets.errors import UserError
+from deepnets.models import build_model, depth_ordered_layers
+from deepnets.monitor import GradientFlowMonitor, GradientFlowWarning
+
+D, C = 16, 10
+
+
+class Tiny(L.LightningModule):
+    """The smallest LightningModule with a `.model`, fed by a fixed random dataset."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.05, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.model = net
+        self.lr = lr
+        self.fail_at = fail_at
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(256, D, generator=g)
+        self.y = torch.randint(0, C, (256,), generator=g)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.fail_at is not None and self.global_step == self.fail_at:
+            raise KeyboardInterrupt  # what Ctrl+C looks like to Lightning
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=32, shuffle=False)
+
+
+def mlp(depth: int = 4, activation: str = "relu", arch: str = "mlp", **kw: object) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model({"arch": arch, "depth": depth, "width": 32, "activation": activation, **kw}, (D,), C)
+
+
+def cfg(**kw: object) -> LoggingConfig:
+    return dataclasses.replace(LoggingConfig(), **kw)
+
+
+def fit(
+    module: L.LightningModule,
+    monitor: GradientFlowMonitor,
+    tmp_path: Path,
+    steps: int,
+    callbacks: list[L.Callback] = (),  # type: ignore[assignment]
+    logger: bool = True,
+    **kw: object,
+) -> L.Trainer:
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=TensorBoardLogger(tmp_path, name="tb") if logger else False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[*callbacks, monitor],
+        **kw,
+    )
+    trainer.fit(module)
+    return trainer
+
+
+class Reference(L.Callback):
+    """Per-layer gradient norms computed independently (float64 sum of squares) at every step."""
+
+    def __init__(self) -> None:
+        self.norms: dict[int, list[float]] = {}
+        self.weights: dict[int, list[torch.Tensor]] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[no-untyped-def]
+        layers = depth_ordered_layers(pl_module.model)
+        self.norms[trainer.global_step] = [p.grad.double().pow(2).sum().sqrt().item() for _, p in layers]
+        self.weights[trainer.global_step] = [p.detach().double().clone() for _, p in layers]
+
+
+def test_logged_norms_equal_independent_computation(tmp_path: Path) -> None:
+    ref = Reference()
+    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=3), None)
+    module = Tiny(mlp(depth=5, batch_norm=True))
+    fit(module, mon, tmp_path, steps=10, callbacks=[ref], logger=False)
+    h = mon.history
+    assert h.steps == [0, 3, 6, 9]
+    assert h.layer_names == [n for n, _ in depth_ordered_layers(module.model)]
+    assert h.grad_norm.shape == (4, 6)
+    for row, step in enumerate(h.steps):
+        expected = torch.tensor(ref.norms[step], dtype=torch.float64)
+        torch.testing.assert_close(h.grad_norm[row], expected, rtol=1e-6, atol=0)
+        # weight norm before the step, and the update it made (weights of the next step)
+        before = ref.weights[step]
+        wn = torch.stack([w.norm() for w in before])
+        torch.testing.assert_close(h.weight_norm[row], wn, rtol=1e-5, atol=0)
+        if step + 1 in ref.weights:
+            upd = torch.stack([(a - b).norm() for a, b in zip(ref.weights[step + 1], before, strict=True)])
+            torch.testing.assert_close(h.update_ratio[row], upd / wn, rtol=1e-4, atol=1e-9)
+    # the global norm covers every parameter (biases, BatchNorm), so it exceeds the layers' norm
+    assert (h.global_grad_norm >= h.grad_norm.norm(dim=1) - 1e-6).all()
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _CountingMonitor(GradientFlowMonitor):
+    """Records every tensor op the monitor's per-step hooks dispatch, by step."""
+
+    def __init__(self, *a: object, **kw: object) -> None:
+        super().__init__(*a, **kw)  # type: ignore[arg-type]
+        self.ops_by_step: dict[int, int] = {}
+
+    def _count(self, step: int, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        with _OpCounter() as counter:
+            fn(*args)
+        self.ops_by_step[step] = self.ops_by_step.get(step, 0) + len(counter.ops)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[no-untyped-def]
+        self._count(trainer.global_step, super().on_before_optimizer_step, trainer, pl_module, optimizer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        step = trainer.global_step - 1  # the step this batch just took
+        self._count(step, super().on_train_batch_end, trainer, pl_module, outputs, batch, batch_idx)
+
+
+def test_nothing_computed_on_non_logging_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = torch._foreach_norm
+    trainer_ref: list[L.Trainer] = []
+
+    def counting(*a, **kw):  # type: ignore[no-untyped-def]
+        calls.append(trainer_ref[0].global_step)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch, "_foreach_norm", counting)
+    mon = _CountingMonitor(cfg(grad_norm_every_n_steps=4), None)
+    trainer = L.Trainer(
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[mon],
+    )
+    trainer_ref.append(trainer)
+    trainer.fit(Tiny(mlp()))
+    assert mon.history.steps == [0, 4, 8]
+    # per log event: one batched call for grad + weight norms (before the step, global_step = s)
+    # and one for the update norms (after it, global_step = s + 1)
+    assert calls == [0, 1, 4, 5, 8, 9]
+    for step, n_ops in mon.ops_by_step.items():
+        if step % 4:
+            assert n_ops == 0, f"step {step}: {n_ops} tensor ops on a non-logging step"
+        else:
+            assert n_ops > 0
+
+
+def test_one_host_transfer_per_log_event(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    transfers: list[int] = []
+    real = torch.Tensor.tolist
+
+    def counting(self):  # type: ignore[no-untyped-def]
+        transfers.append(1)
+        return real(self)
+
+    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=2), None)
+    module = Tiny(mlp())
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    fit(module, mon, tmp_path, steps=6, logger=False)
+    monkeypatch.undo()
+    assert len(mon.history.steps) == 3
+    assert len(transfers) == 3
+
+
+def _events(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (log_dir,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_png_tags_and_custom_scalars_layout(tmp_path: Path) -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=2, heatmap_every_n_logs=2), tmp_path / "run")
+    module = Tiny(mlp(depth=11))  # 12 layers: index 10 and 11 must sort after 09
+    fit(module, mon, tmp_path, steps=8)
+    assert (tmp_path / "run" / "gradient_flow.png").stat().st_size > 10_000
+    acc = _events(tmp_path)
+    names = [n for n, _ in depth_ordered_layers(module.model)]
+    grad_tags = [t for t in acc.Tags()["scalars"] if t.startswith("grad_norm/") and t != "grad_norm/global"]
+    assert sorted(grad_tags) == [f"grad_norm/{i:02d}_{n}" for i, n in enumerate(names)]
+    assert "grad_norm/global" in acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("grad_norm/00_layers.0.0")] == [0, 2, 4, 6]
+    assert acc.Scalars("grad_norm/11_head")[0].value == pytest.approx(mon.history.grad_norm[0, -1].item())
+    assert any(t.startswith("update_ratio/00_") for t in acc.Tags()["scalars"])
+    assert {"gradient_flow/heatmap", "gradient_flow/figure"} <= set(acc.Tags()["images"])
+    assert [e.step for e in acc.Images("gradient_flow/heatmap")] == [2, 6]
+
+    (config,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    (category,) = [c for c in layout.category if c.title == "Gradient flow"]
+    multiline = {ch.title: list(ch.multiline.tag) for ch in category.chart}
+    assert sorted(grad_tags) in multiline.values()
+
+
+def test_without_tensorboard_history_and_png_remain(tmp_path: Path) -> None:
+    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1, weight_norms=False), tmp_path)
+    fit(Tiny(mlp()), mon, tmp_path, steps=3, logger=False)
+    assert mon.history.steps == [0, 1, 2]
+    assert mon.history.weight_norm.shape == (0, 5)
+    assert (tmp_path / "gradient_flow.png").is_file()
+
+
+def test_off_does_nothing(tmp_path: Path) -> None:
+    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=0), tmp_path)
+    fit(Tiny(mlp()), mon, tmp_path, steps=3, logger=False)
+    assert mon.history.steps == []
+    assert not (tmp_path / "gradient_flow.png").exists()
+
+
+def test_png_written_when_interrupted(tmp_path: Path) -> None:
+    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1), tmp_path)
+    with pytest.raises(SystemExit):  # Lightning turns KeyboardInterrupt into exit(1) after on_exception
+        fit(Tiny(mlp(), fail_at=4), mon, tmp_path, steps=10)
+    assert mon.history.steps == [0, 1, 2, 3]
+    assert (tmp_path / "gradient_flow.png").is_file()
+
+
+def _warnings_of(module: L.LightningModule, tmp_path: Path, **kw: object) -> list[str]:
+    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=2, **kw), None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(module, mon, tmp_path, steps=6, logger=False)
+    return [str(w.message) for w in caught if issubclass(w.category, GradientFlowWarning)]
+
+
+def test_vanishing_warning_fires_once_on_deep_sigmoid_mlp(tmp_path: Path) -> None:
+    msgs = _warnings_of(Tiny(mlp(depth=20, activation="sigmoid")), tmp_path)
+    assert len(msgs) == 1, msgs  # once per run, although every log event is below the threshold
+    assert msgs[0].startswith("vanishing gradients at step 0")
+    assert "'layers.0.0'" in msgs[0] and "'head'" in msgs[0]
+
+
+def test_no_vanishing_warning_on_resmlp(tmp_path: Path) -> None:
+    try:
+        net = mlp(depth=20, arch="resmlp")
+    except UserError as e:
+        pytest.skip(f"resmlp not built yet: {e}")
+    assert _warnings_of(Tiny(net), tmp_path) == []
+
+
+def test_exploding_and_nonfinite_warnings_name_layers(tmp_path: Path) -> None:
+    msgs = _warnings_of(Tiny(mlp(depth=3)), tmp_path, exploding_norm=1e-9)
+    assert len(msgs) == 1 and msgs[0].startswith("exploding gradients at step 0")
+    assert "layers.0.0" in msgs[0] and "head" in msgs[0]
+
+    net = mlp(depth=3)
+    with torch.no_grad():
+        net.layers[1][0].weight.fill_(float("nan"))
+    msgs = _warnings_of(Tiny(net), tmp_path)
+    nonfinite = [m for m in msgs if m.startswith("non-finite")]
+    assert len(nonfinite) == 1 and "layers.0.0 (nan)" in nonfinite[0]
+
+
+def test_state_dict_round_trip(tmp_path: Path) -> None:
+    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=2, vanishing_ratio=1.0), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(Tiny(mlp()), mon, tmp_path, steps=6, logger=False)
+    torch.save({"cb": mon.state_dict()}, tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)["cb"]
+    other = GradientFlowMonitor(cfg(grad_norm_every_n_steps=2), None)
+    other.load_state_dict(state)
+    a, b = mon.history, other.history
+    assert a.steps == b.steps == [0, 2, 4]
+    assert a.layer_names == b.layer_names
+    for field in ("grad_norm", "global_grad_norm", "weight_norm", "update_ratio"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+    assert other._warned == mon._warned == {"vanishing"}
+
+
+def test_history_and_warnings_survive_checkpoint_resume(tmp_path: Path) -> None:
+    c = cfg(grad_norm_every_n_steps=2, vanishing_ratio=1.0)  # the warning fires at step 0
+    kw = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu",
+    }
+    first = GradientFlowMonitor(c, None)
+    trainer = L.Trainer(max_steps=4, callbacks=[first], **kw)
+    with pytest.warns(GradientFlowWarning, match="vanishing"):
+        trainer.fit(Tiny(mlp()))
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+
+    second = GradientFlowMonitor(c, tmp_path)
+    trainer = L.Trainer(max_steps=8, callbacks=[second], **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Tiny(mlp()), ckpt_path=tmp_path / "a.ckpt")
+    assert not [w for w in caught if issubclass(w.category, GradientFlowWarning)]  # warned already
+    assert second.history.steps == [0, 2, 4, 6]
+    assert torch.equal(second.history.grad_norm[:2], first.history.grad_norm)
