@@ -1,0 +1,83 @@
+"""Shared plumbing for the experiments: run directories, tables, headless plotting."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: experiments run on servers and in CI
+import matplotlib.pyplot as plt
+
+from deepnets.errors import UserError
+
+__all__ = ["base_parser", "fmt", "new_run_dir", "plt", "save_figure", "write_table"]
+
+DEFAULT_OUT = "runs/experiments"
+
+
+def base_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The flags every experiment takes: `--out DIR`, `--quick`, `--seed N`."""
+    p = argparse.ArgumentParser(prog=f"python -m deepnets.experiments {name}", description=description)
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"root of run directories (default {DEFAULT_OUT})")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: seconds instead of minutes")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def new_run_dir(root: str | os.PathLike[str], name: str) -> Path:
+    """Create and return a fresh `<root>/<name>/version_<n>/`, never reusing an existing one.
+
+    `os.mkdir` is atomic, so two concurrent runs racing for the same n get different versions.
+    """
+    base = Path(root) / name
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out: cannot create {base}: {e.strerror}") from None
+    taken = [int(p.name[8:]) for p in base.glob("version_*") if p.name[8:].isdigit()]
+    n = max(taken, default=-1) + 1
+    while True:
+        path = base / f"version_{n}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            n += 1
+        except OSError as e:
+            raise UserError(f"--out: cannot create {path}: {e.strerror}") from None
+
+
+def fmt(v: Any) -> str:
+    """Compact cell text: floats in 4 significant digits (scientific when tiny or huge)."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], path_stem: str | os.PathLike[str]) -> str:
+    """Write `rows` to `<stem>.csv` (full precision) and `<stem>.md`; return the markdown."""
+    stem = Path(path_stem)
+    cols = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    md = "\n".join(lines) + "\n"
+    stem.with_suffix(".md").write_text(md)
+    return md
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Save `fig` as PNG and close it (figures pile up in long sweeps otherwise)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
