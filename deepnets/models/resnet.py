@@ -4,7 +4,9 @@ Follows torchvision's `models/resnet.py`: blocks carry `expansion`,
 `_make_stage` builds a stage, projection shortcuts (1x1 conv + BN, the
 paper's option B) wherever the shape changes, stride on the 3x3 conv of a
 Bottleneck ("ResNet v1.5"). With `stem="imagenet"` the presets match
-torchvision's parameter counts exactly.
+torchvision's parameter counts exactly. Blocks register (and run) the
+shortcut projection after the branch, so registration order is execution
+order and `depth_ordered_layers` lists layers input -> output.
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ class BasicBlock(nn.Module):
         nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)  # (B, C', H', W')
-        out = self.drop(self.act1(self.bn1(self.conv1(x))))
+        out = self.drop(self.act1(self.bn1(self.conv1(x))))  # (B, P, H', W')
         out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
         return self.act2(out + identity)
 
 
@@ -101,10 +103,10 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)  # (B, 4P, H', W')
         out = self.act1(self.bn1(self.conv1(x)))  # (B, P, H, W)
         out = self.drop(self.act2(self.bn2(self.conv2(out))))  # (B, P, H', W')
         out = self.bn3(self.conv3(out))  # (B, 4P, H', W')
+        identity = x if self.downsample is None else self.downsample(x)
         return self.act3(out + identity)
 
 
@@ -139,11 +141,11 @@ class PreActBasicBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.act1(self.bn1(x))
-        # The projection reads the pre-activated input, as in the paper's code.
-        identity = x if self.downsample is None else self.downsample(out)
-        out = self.conv1(out)
+        pre = self.act1(self.bn1(x))
+        out = self.conv1(pre)  # (B, P, H', W')
         out = self.conv2(self.drop(self.act2(self.bn2(out))))
+        # The projection reads the pre-activated input, as in the paper's code.
+        identity = x if self.downsample is None else self.downsample(pre)
         return out + identity
 
 
@@ -180,11 +182,11 @@ class PreActBottleneck(nn.Module):
         nn.init.zeros_(self.conv3.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.act1(self.bn1(x))
-        identity = x if self.downsample is None else self.downsample(out)
-        out = self.conv1(out)
-        out = self.conv2(self.act2(self.bn2(out)))
-        out = self.conv3(self.drop(self.act3(self.bn3(out))))
+        pre = self.act1(self.bn1(x))
+        out = self.conv1(pre)  # (B, P, H, W)
+        out = self.conv2(self.act2(self.bn2(out)))  # (B, P, H', W')
+        out = self.conv3(self.drop(self.act3(self.bn3(out))))  # (B, 4P, H', W')
+        identity = x if self.downsample is None else self.downsample(pre)
         return out + identity
 
 
