@@ -45,7 +45,7 @@ class Sizes:
     """Problem sizes of one run (`--quick` shrinks them)."""
 
     jac_dims: tuple[int, ...] = (4, 16, 64, 256, 1024)
-    jac_hidden: int = 256
+    jac_hidden: int = 512
     jac_min_time: float = 0.2  # seconds of timing per measurement
     ckpt_depth: int = 32
     ckpt_width: int = 256
@@ -133,8 +133,27 @@ def median_time(fn: Callable[[], Any], min_time: float) -> float:
     return float(np.median(times))
 
 
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def jacobian_timing(dims: tuple[int, ...], hidden: int, min_time: float, seed: int) -> list[dict[str, Any]]:
-    """Time jacfwd and jacrev for the full Jacobian of f(x) = W3 tanh(W2 tanh(W1 x)), R^n -> R^m."""
+    """Time jacfwd and jacrev for the full Jacobian of f(x) = W3 tanh(W2 tanh(W1 x)), R^n -> R^m.
+
+    Single-threaded: the cost of n JVPs vs m VJPs, not how well a thread pool
+    hides small matrix products.
+    """
+    with _threads(1):
+        return _jacobian_timing(dims, hidden, min_time, seed)
+
+
+def _jacobian_timing(dims: tuple[int, ...], hidden: int, min_time: float, seed: int) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(seed)
     rows = []
     for n in dims:
@@ -174,7 +193,7 @@ def plot_jacobian(rows: list[dict[str, Any]], dims: tuple[int, ...], path: Path)
     im = a.imshow(np.log2(ratio), cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
     a.set_xticks(range(k), [str(d) for d in dims])
     a.set_yticks(range(k), [str(d) for d in dims])
-    a.set(xlabel="m (outputs)", ylabel="n (inputs)", title="time jacfwd / jacrev  (blue: forward wins)")
+    a.set(xlabel="m (outputs)", ylabel="n (inputs)", title="time jacfwd / jacrev, 1 thread (blue: forward wins)")
     for i in range(k):
         for j in range(k):
             a.text(j, i, f"{ratio[i, j]:.2g}", ha="center", va="center", fontsize=8)
@@ -276,28 +295,31 @@ def checkpointing_memory(
         ("model.checkpointing (per layer)", per_layer, lambda: F.cross_entropy(per_layer(x), y)),
         *((f"checkpoint_sequential, {k} segments", plain, sequential(k)) for k in segments),
     ]
-    rows = []
-    for name, model, fwd in variants:
+    steps = []
+    for _, model, fwd in variants:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
-        def step(model: nn.Module = model, fwd: Callable[[], Tensor] = fwd, opt: torch.optim.Optimizer = opt) -> None:
-            opt.zero_grad(set_to_none=True)
+        def step(fwd: Callable[[], Tensor] = fwd, opt: torch.optim.Optimizer = opt) -> None:
+            opt.zero_grad(set_to_none=False)  # grads stay allocated: memory below is activations
             fwd().backward()
             opt.step()
 
         step()  # warm-up: allocates grads, optimizer state, lazy init
-        times = []
-        for _ in range(reps):
+        steps.append(step)
+    times: list[list[float]] = [[] for _ in variants]
+    for _ in range(reps):  # round-robin, so drift in machine load hits every variant alike
+        for i, step in enumerate(steps):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        opt.zero_grad(set_to_none=False)  # grads kept: the measured step allocates none
-        mem = measure_memory(fwd, device)
-        rows.append({"variant": name, **mem, "step ms (median)": 1e3 * float(np.median(times))})
+            times[i].append(time.perf_counter() - t0)
+    rows = []
+    for (name, model, fwd), ts in zip(variants, times, strict=True):
+        model.zero_grad(set_to_none=False)
+        rows.append({"variant": name, **measure_memory(fwd, device), "step ms (median)": 1e3 * float(np.median(ts))})
     base = rows[0]
     for r in rows:
         r["memory vs none"] = r["held after forward MiB"] / base["held after forward MiB"]
@@ -307,17 +329,19 @@ def checkpointing_memory(
 
 def plot_checkpointing(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for r in rows:
-        ax.scatter(r["step ms (median)"], r["held after forward MiB"], s=40)
+    for i, r in enumerate(rows):
+        label = r["variant"].replace("checkpoint_sequential, ", "sequential: ")
+        ax.scatter(r["step ms (median)"], r["held after forward MiB"], s=40, label=label)
         ax.annotate(
-            r["variant"],
+            label,
             (r["step ms (median)"], r["held after forward MiB"]),
             fontsize=8,
-            xytext=(5, 3),
+            xytext=(6, 8 if i % 2 else -12),
             textcoords="offset points",
-        )
+        )  # alternate: neighbours overlap
     ax.set(xlabel="training step time, ms (median)", ylabel="activation memory held after forward, MiB", title=title)
     ax.set_ylim(bottom=0)
+    ax.set_xlim(right=ax.get_xlim()[1] * 1.15)  # room for the labels
     ax.grid(True, alpha=0.3)
     return save_figure(fig, path)
 
@@ -437,7 +461,8 @@ def plot_finite_differences(curve: list[dict[str, Any]], path: Path) -> Path:
                 label=f"{scheme} difference, {dtype}",
             )
         ad = next(r["rel error"] for r in curve if r["dtype"] == dtype and r["scheme"] == "AD (jvp)")
-        ax.axhline(max(ad, floor), color=color, ls=":", label=f"AD, {dtype}")
+        ad_label = f"AD, {dtype}" + (": error exactly 0 (drawn at 1e-17)" if ad == 0 else "")
+        ax.axhline(max(ad, floor), color=color, ls=":", label=ad_label)
     ax.set(xlabel="step h", ylabel="relative error of f'(x) v", title="Finite differences: truncation vs rounding")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
