@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One-GPU check of deepnets: ResNet-18 images/s (fp32, bf16-mixed, + channels_last,
+# + torch.compile), MLP steps/s and a host-sync check, printed as one table.
+# Under 5 minutes on one H100. Run from anywhere: `bash bench/gpu_check.sh [--cpu-smoke]`.
+# Writes $OUT/gpu_check.json when OUT is set. Without a GPU it says so and exits 0.
+# Environment: PYTHON (interpreter to use), GPU_CHECK_BUDGET_S (default 270).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+pick_python() {
+  if [[ -n ${PYTHON:-} ]]; then echo "$PYTHON"; return; fi
+  # the first interpreter that has torch and lightning: the system one on a GPU box,
+  # this checkout's venv on a laptop
+  for py in python3 .venv/bin/python python; do
+    if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import torch, lightning' >/dev/null 2>&1; then
+      echo "$py"; return
+    fi
+  done
+  echo "gpu_check: no python with torch and lightning found (set PYTHON=...)" >&2
+  exit 2
+}
+PY=$(pick_python)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/deepnets_inductor_cache}
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | sed 's/^/nvidia-smi: /'
+fi
+# A hard stop a little above the script's own budget, so a wedged run cannot hang the caller.
+limit=295; for a in "$@"; do [[ $a == --cpu-smoke ]] && limit=3700; done
+exec timeout --signal=INT --kill-after=20 "${GPU_CHECK_TIMEOUT_S:-$limit}" "$PY" bench/gpu_check.py "$@"
