@@ -111,6 +111,11 @@ class GradientFlowMonitor(L.Callback):
         return self.every_n > 0
 
     @property
+    def warned(self) -> frozenset[str]:
+        """The warnings this run has issued: a subset of {"vanishing", "exploding", "nonfinite"}."""
+        return frozenset(self._warned)
+
+    @property
     def history(self) -> GradientFlowHistory:
         n = len(self.layer_names)
 
@@ -349,10 +354,11 @@ class GradientFlowMonitor(L.Callback):
         # Fixed margins: constrained/tight layout would cost extra draws.
         height = max(4.5, 0.16 * n + 2.5)
         fig = Figure(figsize=(13, height), dpi=100)
-        fig.subplots_adjust(left=0.14, right=0.97, bottom=1.6 / height, top=1 - 0.5 / height, wspace=0.3)
+        fig.subplots_adjust(left=0.14, right=0.97, bottom=1.3 / height, top=1 - 0.5 / height, wspace=0.3)
         ax1, ax2 = fig.subplots(1, 2, width_ratios=[3, 2])
         steps = h.steps
-        x0, x1 = (steps[0], steps[-1]) if len(steps) > 1 else (steps[0] - 0.5, steps[0] + 0.5)
+        half = (steps[-1] - steps[0]) / (2 * (len(steps) - 1)) if len(steps) > 1 else 0.5
+        x0, x1 = steps[0] - half, steps[-1] + half  # cell i centred on steps[i]
         masked = np.ma.masked_invalid(z)
         im = ax1.imshow(
             masked,
