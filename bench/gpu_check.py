@@ -298,6 +298,20 @@ class Measured:
     first_steps: int
 
 
+def fresh_datamodule(cfg: Any, cache: dict[str, Any], key: str) -> Any:
+    """A new InMemoryDataModule per Trainer (its train loader keeps its position across fits),
+    sharing the synthetic tensors already made for `key`."""
+    from deepnets.data import InMemoryDataModule
+
+    dm = InMemoryDataModule(cfg.data, cfg.seed)
+    if key in cache:
+        dm.splits = cache[key]
+    else:
+        dm.setup("fit")
+        cache[key] = dm.splits
+    return dm
+
+
 def lightning_fit(cfg: Any, model: nn.Module, warmup: int, steps: int, dm: Any = None) -> Measured:
     """Train `model` with deepnets' Classifier through a Lightning Trainer; time steps after warm-up."""
     from deepnets.data import InMemoryDataModule
@@ -736,11 +750,8 @@ def main(argv: list[str] | None = None) -> int:
                 "trainer": {"precision": prec, "compile": comp, "accelerator": accel},
             }
         )
-        if "resnet" not in dm_cache:  # one synthetic data set for all rows
-            from deepnets.data import InMemoryDataModule
-
-            dm_cache["resnet"] = InMemoryDataModule(cfg.data, cfg.seed)
-        return throughput_row(lightning_fit(cfg, model, warmup, s.steps, dm_cache["resnet"]), comp, "lightning")
+        dm = fresh_datamodule(cfg, dm_cache, "resnet")  # one synthetic data set for all rows
+        return throughput_row(lightning_fit(cfg, model, warmup, s.steps, dm), comp, "lightning")
 
     def resnet_raw(prec: str, cl: bool, comp: bool) -> Row:
         model, _ = resnet18_model(s.preset, s.image)
@@ -838,7 +849,9 @@ def main(argv: list[str] | None = None) -> int:
                 "trainer": {"precision": prec, "accelerator": accel},
             }
         )
-        return throughput_row(bare_fit(cfg, model, s.warmup, s.steps, dm_cache.get("resnet")), False, "lightning-bare")
+        return throughput_row(
+            bare_fit(cfg, model, s.warmup, s.steps, fresh_datamodule(cfg, dm_cache, "resnet")), False, "lightning-bare"
+        )
 
     def named(fn: Callable[..., Row], name: str, *a: Any) -> Callable[[], Row]:
         def call() -> Row:
