@@ -11,7 +11,10 @@ weight norm and update-to-weight ratio ||W_after - W_before|| / ||W_before||.
 
 Cost: on a logging step all norms come from one `torch._foreach_norm` call and
 reach the host in one transfer; on every other step the hooks return after an
-integer comparison, touching no tensor.
+integer comparison, touching no tensor. The update ratio needs the weights
+before the step: with `weight_norms` on, a copy of the depth-ordered weights
+is kept during training and refreshed on logging steps (memory: one copy of
+those weights; time: about 6 extra passes over them per log event).
 """
 
 from __future__ import annotations
@@ -92,7 +95,9 @@ class GradientFlowMonitor(L.Callback):
         self._others: list[Tensor] = []  # every other trainable parameter (global norm only)
         self._reset_history()
         self._pending: dict[str, Any] | None = None  # device tensors of the current log event
+        self._snapshot: list[Tensor] | None = None  # weights before the step (update ratios)
         self._writer: Any = None
+        self._tag_cache: dict[tuple[str, int], tuple[list[str], list[str]]] = {}
         self._layout_written = False
         self._scaler = False
 
@@ -145,6 +150,7 @@ class GradientFlowMonitor(L.Callback):
             self._reset_history()
         self.layer_names = names
         self._weights = [p for _, p in layers]
+        self._snapshot = None
         ids = {id(p) for p in self._weights}
         self._others = [p for p in net.parameters() if p.requires_grad and id(p) not in ids]
         self._writer = None
@@ -182,8 +188,13 @@ class GradientFlowMonitor(L.Callback):
         pending: dict[str, Any] = {"step": step, "parts": [grad_norm, global_norm]}
         if self.weight_norms:
             pending["parts"].append(torch.stack(norms[n + m :]).float())  # (L,)
+            # Snapshot into a buffer kept for the run: allocating a fresh copy each time
+            # costs more than the copy itself (page faults on the CPU, allocator churn on GPUs).
+            if self._snapshot is None:
+                self._snapshot = [torch.empty_like(w, memory_format=torch.preserve_format) for w in weights]
             with torch.no_grad():
-                pending["before"] = torch._foreach_mul([w.detach() for w in weights], 1.0)
+                torch._foreach_copy_(self._snapshot, [w.detach() for w in weights])
+            pending["before"] = self._snapshot
         self._pending = pending
         if not self.weight_norms:
             self._finish()
@@ -204,7 +215,6 @@ class GradientFlowMonitor(L.Callback):
                 delta = pending.pop("before")
                 torch._foreach_sub_(delta, [w.detach() for w in self._weights])  # W_before - W_after
                 parts.append(torch.stack(torch._foreach_norm(delta)).float())
-            del delta
         values = torch.cat(parts).tolist()  # the one device-to-host transfer
         n = len(self.layer_names)
         step = pending["step"]
@@ -265,8 +275,12 @@ class GradientFlowMonitor(L.Callback):
     # ------------------------------------------------------------ TensorBoard
 
     def _tags(self, prefix: str) -> list[str]:
-        width = max(2, len(str(len(self.layer_names) - 1)))
-        return [f"{prefix}/{i:0{width}d}_{name}" for i, name in enumerate(self.layer_names)]
+        key = (prefix, len(self.layer_names))
+        if self._tag_cache.get(key, (None,))[0] != self.layer_names:
+            width = max(2, len(str(len(self.layer_names) - 1)))  # zero-padded: sorts by depth
+            tags = [f"{prefix}/{i:0{width}d}_{name}" for i, name in enumerate(self.layer_names)]
+            self._tag_cache[key] = (list(self.layer_names), tags)
+        return self._tag_cache[key][1]
 
     def _layout(self) -> dict[str, dict[str, list[Any]]]:
         charts: dict[str, list[Any]] = {
@@ -322,10 +336,11 @@ class GradientFlowMonitor(L.Callback):
         self._end(trainer)
 
     def _end(self, trainer: L.Trainer) -> None:
-        if not self.enabled or not trainer.is_global_zero or not self._steps:
-            return
         if self._pending is not None:
             self._finish()
+        self._snapshot = None  # free the weight copy
+        if not self.enabled or not trainer.is_global_zero or not self._steps:
+            return
         # Draw once (matplotlib layout + rasterising is the slow part), then reuse the pixels.
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 

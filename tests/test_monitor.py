@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +22,15 @@ from deepnets.models import build_model, depth_ordered_layers
 from deepnets.monitor import GradientFlowMonitor, GradientFlowWarning
 
 D, C = 16, 10
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """These nets are tiny: one thread is fastest, and immune to a busy machine's contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Tiny(L.LightningModule):
@@ -329,3 +339,18 @@ def test_history_and_warnings_survive_checkpoint_resume(tmp_path: Path) -> None:
     assert not [w for w in caught if issubclass(w.category, GradientFlowWarning)]  # warned already
     assert second.history.steps == [0, 2, 4, 6]
     assert torch.equal(second.history.grad_norm[:2], first.history.grad_norm)
+
+
+def test_vanishing_experiment_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deepnets.experiments.vanishing import main
+
+    argv = ["--quick", "--out", str(tmp_path), "--archs", "mlp sigmoid,resmlp", "--steps", "10"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    (run_dir,) = (tmp_path / "vanishing").glob("version_*")
+    assert (run_dir / "grad_norm_vs_depth.png").is_file()
+    assert (run_dir / "mlp_sigmoid" / "gradient_flow.png").is_file()
+    table = (run_dir / "ratios.md").read_text()
+    assert table in out
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert "| yes |" in rows["mlp sigmoid"] and "| no |" in rows["resmlp relu"]

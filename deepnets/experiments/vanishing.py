@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", default=None, help="comma-separated labels or archs to run (default: all)")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.every, args.width = 30, 5, 32
+        args.steps, args.every, args.width = min(args.steps, 30), min(args.every, 5), min(args.width, 32)
 
     out = new_run_dir(args.out, "vanishing")
     chosen = variants(args.depth, args.width, args.skip_activation)
