@@ -141,6 +141,14 @@ class GradientFlowMonitor(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.enabled:
             return
+        self._resolve(pl_module)  # names now, so a checkpoint's history can be checked against them
+        self._writer = None
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                self._writer = logger.experiment
+                break
+
+    def _resolve(self, pl_module: L.LightningModule) -> None:
         net = getattr(pl_module, "model", None)
         net = net if isinstance(net, nn.Module) else pl_module
         net = getattr(net, "_orig_mod", net)  # torch.compile wrapper
@@ -153,15 +161,11 @@ class GradientFlowMonitor(L.Callback):
         self._snapshot = None
         ids = {id(p) for p in self._weights}
         self._others = [p for p in net.parameters() if p.requires_grad and id(p) not in ids]
-        self._writer = None
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-                self._writer = logger.experiment
-                break
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or not trainer.is_global_zero:
             return
+        self._resolve(pl_module)  # again: the strategy may have replaced parameters since setup
         self._scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
         if self._writer is not None and not self._layout_written and self.layer_names:
             self._writer.add_custom_scalars(self._layout())
