@@ -57,9 +57,10 @@ def _main(args: argparse.Namespace) -> int:
             if k.startswith(("test/", "val/")) and isinstance(v, float)
         )
         print(f"{result.status}: {result.run_dir} {summary}")
-    if not result.ok:
-        print(f"error: run {result.status}: {result.metrics.get('error', '')}".rstrip(": "), file=sys.stderr)
-    return 0 if result.ok else EXIT_FAILED
+    if result.ok:
+        return 0
+    print(f"error: run {result.status}: {result.error}", file=sys.stderr)
+    return 128 + result.signum if result.signum else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -71,9 +71,7 @@ class TensorBatches:
         self.rank, self.world_size = rank, world_size
         self.augment = augment
         self.epoch = 0
-        self._consumed = 0  # batches of the current epoch already handed to the training step
-        self._yielded = 0
-        self._exhausted = False
+        self.position = 0  # batches of `epoch` already handed out
         # Training shards drop the tail so every rank runs the same number of steps
         # (DDP would hang otherwise); evaluation shards keep every sample.
         n = len(x)
@@ -95,34 +93,28 @@ class TensorBatches:
         return order
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self._exhausted or self._consumed >= len(self):
-            self.epoch, self._consumed, self._exhausted = self.epoch + 1, 0, False
-        return self._batches(self.epoch, self._consumed)
+        if self.position >= len(self):
+            self.epoch, self.position = self.epoch + 1, 0
+        return self._batches(self.epoch, self.position)
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         order = self.indices(epoch).to(self.x.device, non_blocking=True)
-        g = torch.Generator().manual_seed(self.seed * 7919 + epoch) if self.augment else None
-        self._yielded = start
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             x = self.x[idx]
-            if g is not None:
+            if self.augment:  # seeded per (epoch, batch), so a resumed epoch draws the same crops
+                g = torch.Generator().manual_seed(((self.seed * 100_003 + epoch) * 100_003 + b) * (self.rank + 1))
                 x = random_crop_flip(x, g)
-            self._yielded = b + 1
+            self.position = b + 1
             yield x, self.y[idx]
-        self._exhausted = True
 
-    # Lightning pre-fetches one batch ahead of the training step, so when a
-    # checkpoint is taken mid-epoch one more batch has been yielded than consumed.
+    # Lightning does not pre-fetch from loaders with a length, so batches handed
+    # out = batches consumed; the state is read when a checkpoint is written.
     def state_dict(self) -> dict[str, int]:
-        consumed = self._yielded if self._exhausted else max(self._yielded - 1, 0)
-        return {"epoch": self.epoch, "consumed": consumed}
+        return {"epoch": self.epoch, "consumed": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self._consumed = int(state["epoch"]), int(state["consumed"])
-        self._exhausted = False
-        if self._consumed >= len(self):  # saved at the end of an epoch: the next one is due
-            self.epoch, self._consumed = self.epoch + 1, 0
+        self.epoch, self.position = int(state["epoch"]), int(state["consumed"])
 
 
 def random_crop_flip(x: Tensor, g: torch.Generator, pad: int = 4) -> Tensor:

@@ -77,13 +77,29 @@ class Classifier(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def _schedule_length(self) -> tuple[int, int]:
+        """(optimizer steps per epoch, in total), from the train loader's length.
+
+        Not `trainer.estimated_stepping_batches`: it sets up the fit loop's data
+        before a checkpoint's loop state is restored, so a resumed run would not
+        restore the loader's position (Lightning 2.6).
+        """
+        trainer = self.trainer
+        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else None
+        batches = len(loader) if loader is not None else 1
+        if trainer.overfit_batches:
+            n = trainer.overfit_batches
+            batches = int(n) if isinstance(n, int) or n >= 1 else max(1, int(n * batches))
+        per_epoch = max(batches // trainer.accumulate_grad_batches, 1)
+        total = trainer.max_steps if trainer.max_steps > 0 else per_epoch * max(trainer.max_epochs or 1, 1)
+        return per_epoch, total
+
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.model, self.optim_cfg)
         if self.sched_cfg.name == "none" and not self.sched_cfg.warmup_steps:
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)  # also sets num_training_batches
-        per_epoch = int(min(self.trainer.num_training_batches, total)) // self.trainer.accumulate_grad_batches
-        scheduler = build_scheduler(optimizer, self.sched_cfg, total, max(per_epoch, 1), self.optim_cfg.lr)
+        per_epoch, total = self._schedule_length()
+        scheduler = build_scheduler(optimizer, self.sched_cfg, total, per_epoch, self.optim_cfg.lr)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched = {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}
         else:

@@ -40,8 +40,10 @@ RUN_DIR_ENV = "DEEPNETS_RUN_DIR"  # rank 0 hands its run directory to the DDP ra
 @dataclass
 class RunResult:
     run_dir: Path | None
-    status: str  # completed | early_stopped | diverged | interrupted
+    status: str  # completed | early_stopped | diverged | interrupted | failed
     metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    signum: int | None = None  # the signal that interrupted the run
 
     @property
     def ok(self) -> bool:
@@ -143,15 +145,20 @@ class DivergenceGuard(Callback):
             raise Diverged(step)
 
 
-class GracefulInterrupt(Callback):
-    """SIGTERM / SIGINT: finish the step in flight, save last.ckpt, then stop the run.
+class LastCheckpoint(Callback):
+    """Writes last.ckpt every `every_n_steps` steps and when SIGTERM / SIGINT arrives.
 
-    Replaces Lightning's SIGTERM notifier for the duration of training and
-    turns Ctrl+C from a KeyboardInterrupt mid-step into the same clean stop.
+    On a signal the step in flight finishes, last.ckpt is saved, and the run
+    stops with `Interrupted`. The handlers replace Lightning's SIGTERM notifier
+    during training and turn Ctrl+C from a KeyboardInterrupt mid-step into the
+    same clean stop. (ModelCheckpoint also writes last.ckpt at every
+    validation; its `every_n_train_steps` cannot be combined with per-epoch
+    best-model selection, hence this callback.)
     """
 
-    def __init__(self, ckpt_dir: Path | None) -> None:
+    def __init__(self, ckpt_dir: Path | None, every_n_steps: int | None) -> None:
         self.ckpt_dir = ckpt_dir
+        self.every_n_steps = every_n_steps
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -171,11 +178,11 @@ class GracefulInterrupt(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.signum is None:
-            return
-        if self.ckpt_dir is not None:
+        periodic = self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0
+        if self.ckpt_dir is not None and (periodic or self.signum is not None):
             trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
-        raise Interrupted(self.signum, trainer.global_step)
+        if self.signum is not None:
+            raise Interrupted(self.signum, trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -232,7 +239,7 @@ def _callbacks(
     callbacks: list[Callback] = [
         RNGState(),
         DivergenceGuard(cfg.trainer.log_every_n_steps, cfg.checkpoint.every_n_steps),
-        GracefulInterrupt(ckpt_dir),
+        LastCheckpoint(ckpt_dir if cfg.checkpoint.enabled else None, cfg.checkpoint.every_n_steps),
     ]
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps))
@@ -261,19 +268,9 @@ def _callbacks(
             save_top_k=c.save_top_k,
             save_last=True,
             auto_insert_metric_name=False,
+            enable_version_counter=False,  # last.ckpt is also written by LastCheckpoint: overwrite, never last-v1
         )
         callbacks.append(ckpt)
-        if c.every_n_steps:  # a second checkpointer: last.ckpt every N steps, for mid-epoch resume
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=ckpt_dir,
-                    filename="last",
-                    every_n_train_steps=c.every_n_steps,
-                    save_top_k=0,
-                    save_last=True,
-                    save_on_train_epoch_end=False,
-                )
-            )
     return callbacks, ckpt, early
 
 
@@ -308,17 +305,16 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path, run_dir = resolve_resume(cfg, resume)
-    writes = not cfg.trainer.fast_dev_run
-    if not writes:
-        run_dir = None
-    elif RUN_DIR_ENV in os.environ:  # a DDP rank launched by rank 0
-        run_dir = Path(os.environ[RUN_DIR_ENV])
-    elif run_dir is None and _is_rank_zero():
-        run_dir = make_run_dir(cfg.output_dir, cfg.name)
     rank_zero = _is_rank_zero()
+    if cfg.trainer.fast_dev_run:
+        run_dir = None
+    elif not rank_zero:  # a DDP rank launched by rank 0, which made the directory
+        run_dir = Path(os.environ[RUN_DIR_ENV]) if RUN_DIR_ENV in os.environ else None
+    elif run_dir is None:
+        run_dir = make_run_dir(cfg.output_dir, cfg.name)
     if run_dir is not None and rank_zero:
-        os.environ[RUN_DIR_ENV] = str(run_dir)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the processes Lightning's DDP launcher starts
 
     data = InMemoryDataModule(cfg.data, cfg.seed)
     data.setup("fit")  # read files now: missing or corrupt data fails before a model is built
@@ -329,35 +325,43 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
     callbacks, ckpt, early = _callbacks(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, callbacks)
 
-    status, error = "completed", None
+    result = RunResult(run_dir, "completed")
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
         if early is not None and early.stopped_epoch > 0:
-            status = "early_stopped"
+            result.status = "early_stopped"
     except Diverged as e:
-        status, error = "diverged", str(e)
+        result.status, result.error = "diverged", str(e)
     except Interrupted as e:
-        status, error = "interrupted", str(e)
-    metrics = _scalar_metrics(trainer.callback_metrics)
-    best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
-    if status in ("completed", "early_stopped") and cfg.trainer.test:
-        use_best = best is not None and cfg.early_stopping.restore_best
-        trainer.test(module, datamodule=data, ckpt_path=best if use_best else None, verbose=False)
-        metrics.update(_scalar_metrics({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}))
-    result = RunResult(run_dir, status, metrics)
-    if run_dir is not None and trainer.is_global_zero:
-        write_metrics(
-            run_dir,
-            {
-                "status": status,
-                "error": error,
-                "metrics": metrics,
-                "epochs": trainer.current_epoch,
-                "steps": trainer.global_step,
-                "wall_seconds": round(time.perf_counter() - start, 3),
-                "best_checkpoint": best,
-                "resumed_from": str(ckpt_path) if ckpt_path else None,
-                "seed": cfg.seed,
-            },
-        )
+        result.status, result.error, result.signum = "interrupted", str(e), e.signum
+    except BaseException as e:  # a bug or an unexpected failure: still leave metrics.json behind
+        result.status, result.error = "failed", f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if rank_zero:
+            os.environ.pop(RUN_DIR_ENV, None)
+        result.metrics = _scalar_metrics(trainer.callback_metrics)
+        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+        if result.ok and cfg.trainer.test:
+            use_best = best is not None and cfg.early_stopping.restore_best
+            trainer.test(
+                module, datamodule=data, ckpt_path=best if use_best else None, verbose=False, weights_only=True
+            )
+            tested = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            result.metrics.update(_scalar_metrics(tested))
+        if run_dir is not None and trainer.is_global_zero:
+            write_metrics(
+                run_dir,
+                {
+                    "status": result.status,
+                    "error": result.error,
+                    "metrics": result.metrics,
+                    "epochs": trainer.current_epoch,
+                    "steps": trainer.global_step,
+                    "wall_seconds": round(time.perf_counter() - start, 3),
+                    "best_checkpoint": best,
+                    "resumed_from": str(ckpt_path) if ckpt_path else None,
+                    "seed": cfg.seed,
+                },
+            )
     return result

