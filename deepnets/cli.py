@@ -21,6 +21,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config values (YAML scalars)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", metavar="last|PATH", help="continue from the run's newest last.ckpt, or a checkpoint")
+    p.add_argument("--export", metavar="RUN_DIR", help="write RUN_DIR/export/{model.safetensors,config.yaml} and exit")
+    p.add_argument("--evaluate", metavar="EXPORT_DIR", help="test an exported model (no pickle involved) and exit")
     return p
 
 
@@ -36,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     from deepnets.config import load_config, to_yaml
 
+    if args.export or args.evaluate:
+        from deepnets.export import evaluate, export_run
+
+        if args.export:
+            print(f"exported: {export_run(args.export)}")
+        if args.evaluate:
+            print(" ".join(f"{k}={v:.4f}" for k, v in evaluate(args.evaluate).items()))
+        return 0
     if args.config is None:
         raise UserError("--config is required (e.g. --config mlp.yaml; shipped configs live in configs/)")
     cfg = load_config(args.config, args.overrides)

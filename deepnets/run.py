@@ -44,6 +44,7 @@ class RunResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     signum: int | None = None  # the signal that interrupted the run
+    model: torch.nn.Module | None = None  # the trained network (last weights), for use from Python
 
     @property
     def ok(self) -> bool:
@@ -325,7 +326,7 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
     callbacks, ckpt, early = _callbacks(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, callbacks)
 
-    result = RunResult(run_dir, "completed")
+    result = RunResult(run_dir, "completed", model=model)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
         if early is not None and early.stopped_epoch > 0:
