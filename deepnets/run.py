@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,6 @@ from lightning.pytorch.callbacks import (
     EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
-    TQDMProgressBar,
 )
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -32,7 +32,7 @@ from deepnets.config import Config, to_yaml
 from deepnets.data import InMemoryDataModule
 from deepnets.errors import UserError
 from deepnets.models import build_model
-from deepnets.module import Classifier
+from deepnets.module import Classifier, LossProgressBar
 
 RUN_DIR_ENV = "DEEPNETS_RUN_DIR"  # rank 0 hands its run directory to the DDP ranks it launches
 
@@ -128,17 +128,25 @@ class DivergenceGuard(Callback):
         self.every = check_every_n_steps
         self.ckpt_every = checkpoint_every_n_steps
         self._finite: torch.Tensor | None = None
+        self.read_every_step: bool | None = None  # None: decided from the device at train start
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.read_every_step is None:
+            self.read_every_step = pl_module.device.type == "cpu"
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        step = trainer.global_step
+        if self.read_every_step:  # a CPU scalar: reading it is ~1 us, cheaper than isfinite + and + bool
+            if not math.isfinite(float(loss)):
+                raise Diverged(step)
+            return
         finite = torch.isfinite(loss.detach())
         self._finite = finite if self._finite is None else self._finite & finite
-        step = trainer.global_step
         due = (
-            pl_module.device.type == "cpu"
-            or step % self.every == 0
+            step % self.every == 0
             or (self.ckpt_every is not None and step % self.ckpt_every == 0)
             or batch_idx + 1 >= trainer.num_training_batches
         )
@@ -147,14 +155,14 @@ class DivergenceGuard(Callback):
 
 
 class LastCheckpoint(Callback):
-    """Writes last.ckpt every `every_n_steps` steps and when SIGTERM / SIGINT arrives.
+    """Keeps last.ckpt current: at the end of every epoch, every `every_n_steps` steps, and on a signal.
 
-    On a signal the step in flight finishes, last.ckpt is saved, and the run
-    stops with `Interrupted`. The handlers replace Lightning's SIGTERM notifier
-    during training and turn Ctrl+C from a KeyboardInterrupt mid-step into the
-    same clean stop. (ModelCheckpoint also writes last.ckpt at every
-    validation; its `every_n_train_steps` cannot be combined with per-epoch
-    best-model selection, hence this callback.)
+    (Lightning's `ModelCheckpoint(save_last=True)` copies only checkpoints it
+    saves anyway, i.e. the best ones, so its last.ckpt can lag behind.) On
+    SIGTERM / SIGINT the step in flight finishes, last.ckpt is saved, and the
+    run stops with `Interrupted`: the handlers replace Lightning's SIGTERM
+    notifier during training and turn Ctrl+C from a KeyboardInterrupt mid-step
+    into the same clean stop.
     """
 
     def __init__(self, ckpt_dir: Path | None, every_n_steps: int | None) -> None:
@@ -184,6 +192,10 @@ class LastCheckpoint(Callback):
             trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
         if self.signum is not None:
             raise Interrupted(self.signum, trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.ckpt_dir is not None:  # after validation, so best-model and early-stopping state are current
+            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -242,8 +254,8 @@ def _callbacks(
         DivergenceGuard(cfg.trainer.log_every_n_steps, cfg.checkpoint.every_n_steps),
         LastCheckpoint(ckpt_dir if cfg.checkpoint.enabled else None, cfg.checkpoint.every_n_steps),
     ]
-    if cfg.trainer.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps))
+    if cfg.trainer.progress_bar:  # shows the loss without Lightning's per-step prog_bar .item()
+        callbacks.append(LossProgressBar(refresh_rate=cfg.trainer.log_every_n_steps))
     if cfg.logging.grad_norm_every_n_steps > 0:
         try:
             from deepnets.monitor import GradientFlowMonitor
@@ -267,9 +279,8 @@ def _callbacks(
             monitor=c.monitor,
             mode=c.mode,
             save_top_k=c.save_top_k,
-            save_last=True,
+            save_last=False,  # LastCheckpoint keeps last.ckpt
             auto_insert_metric_name=False,
-            enable_version_counter=False,  # last.ckpt is also written by LastCheckpoint: overwrite, never last-v1
         )
         callbacks.append(ckpt)
     return callbacks, ckpt, early
@@ -301,6 +312,19 @@ def resolve_resume(cfg: Config, resume: str | None) -> tuple[Path | None, Path |
     return path, run_dir
 
 
+def tune_learning_rate(cfg: Config, model: torch.nn.Module, run_dir: Path | None) -> Config:
+    """`trainer.lr_find` / `trainer.lr_probe`: pick optim.lr on copies of `model`, record it in config.yaml."""
+    from deepnets import tune
+
+    if cfg.trainer.lr_find and cfg.trainer.lr_probe:
+        raise UserError("trainer.lr_find and trainer.lr_probe both set: choose one")
+    lr = tune.lr_probe(cfg, model, run_dir)[0] if cfg.trainer.lr_probe else tune.lr_find(cfg, model, run_dir)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr))
+    if run_dir is not None:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return cfg
+
+
 def train(cfg: Config, resume: str | None = None) -> RunResult:
     """Fit, test the best checkpoint, and write the run directory; returns how the run ended."""
     start = time.perf_counter()
@@ -322,6 +346,8 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
     model = build_model(cfg.model, data.input_shape, data.num_classes)
     if cfg.trainer.compile:
         model.compile()  # in place: state_dict keys stay those of the plain model
+    if (cfg.trainer.lr_find or cfg.trainer.lr_probe) and ckpt_path is None:  # a resumed optimizer keeps its lr
+        cfg = tune_learning_rate(cfg, model, run_dir if rank_zero else None)
     module = Classifier(model, cfg)
     callbacks, ckpt, early = _callbacks(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, callbacks)

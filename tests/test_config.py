@@ -94,3 +94,9 @@ def test_cli_errors_are_one_line_exit_2(tmp_path: Path) -> None:
     r = run_cli("--config", "mlp", "--print-config", "optim.lr=1e-2")
     assert r.returncode == 0
     assert parse_yaml(r.stdout, "stdout")["optim"]["lr"] == 0.01
+
+
+def test_readme_config_table_is_current() -> None:
+    readme = (CONFIGS_DIR.parent / "README.md").read_text()
+    missing = [row for row in markdown_table().splitlines() if row not in readme]
+    assert not missing, "README config table is stale; regenerate with python -m deepnets.config --markdown"

@@ -203,4 +203,4 @@ def test_truncated_checkpoint_is_named(tmp_path: Path, tiny) -> None:
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {bad} is corrupt or truncated: ")
-    assert not (tmp_path / "runs").exists()  # nothing was started
+    assert sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir()) == ["version_0"]  # nothing was started
