@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from deepnets.errors import UserError
 
@@ -28,6 +29,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Lightning 2.6 on torch >= 2.10 warns about its own use of a deprecated pytree API on every run.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     try:
         return _main(args)
     except UserError as e:
