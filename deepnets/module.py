@@ -231,20 +231,35 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     return groups
 
 
+def _fast(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
+    """`cls(groups, fused=True, ...)` where torch has a fused kernel for these parameters, else `foreach=True`.
+
+    torch picks the one-kernel-per-parameter-list paths by default only on CUDA; on
+    the CPU its default is a Python loop over parameters. Fused SGD on a 2-core CPU:
+    tiny MLP 0.34 -> 0.17 ms per step, ResNet-20 3.1 -> 1.2 ms (bench/overhead.py).
+    """
+    try:
+        return cls(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this optimizer / device / dtype
+        return cls(groups, foreach=True, **kwargs)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     for g in groups:
         g.pop("names")
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return _fast(
+            torch.optim.SGD, groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+        )
     if cfg.name in ("adam", "adamw"):
         if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
             raise UserError(f"optim.betas: need two values in [0, 1), got {cfg.betas}")
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-        return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, amsgrad=cfg.amsgrad)
-    if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, eps=cfg.eps)
-    return torch.optim.Adagrad(groups, lr=cfg.lr, eps=cfg.eps)
+        return _fast(cls, groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, amsgrad=cfg.amsgrad)
+    if cfg.name == "rmsprop":  # no fused kernel
+        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, eps=cfg.eps, foreach=True)
+    return _fast(torch.optim.Adagrad, groups, lr=cfg.lr, eps=cfg.eps)
 
 
 def build_scheduler(

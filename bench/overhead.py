@@ -1,0 +1,454 @@
+"""deepnets vs a hand-written PyTorch loop, side by side in one process (CPU).
+
+    python bench/overhead.py [--json PATH] [--quick] [--threads N]
+
+Every comparison alternates its contenders (A B A B ...), discards warm-up
+steps, and reports medians over the repeats:
+
+1. training steps/s: `deepnets.run.train` (the real pipeline: TensorBoard
+   logger, progress bar, checkpoint callbacks, divergence guard; gradient
+   monitor off here, see 3.) vs a raw loop vs a bare LightningModule in a
+   plain Trainer (Lightning's own floor), same model init, data, data order,
+   optimizer (what `build_optimizer` builds) and thread count. The loss of
+   the framework and the raw loop must agree at the last timed step.
+   Timing: a callback stamps `on_train_batch_end` of step W and W+N, so the
+   window holds N complete loop iterations (data fetch, every hook, logging
+   on every `log_every_n_steps`-th step) and no setup, validation or epoch end.
+2. one epoch of `TensorBatches` vs `DataLoader(TensorDataset(...))`.
+3. framework step time with the gradient-flow monitor every step / every 50 / off.
+4. achieved training GFLOP/s of the wide MLP (6 x weights x batch per step)
+   vs fp32 matmul GFLOP/s measured in the same alternation.
+
+Not part of the test suite. Run on an otherwise idle machine where possible:
+only ratios measured in the same alternation mean anything on a shared box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deepnets.run as run
+from deepnets.config import Config, load_config
+from deepnets.data import TensorBatches, load_splits
+from deepnets.models import build_model, depth_ordered_layers
+from deepnets.module import build_optimizer
+
+
+@dataclass
+class Case:
+    key: str
+    label: str
+    model: dict[str, Any]
+    input_shape: tuple[int, ...]
+    batch: int
+    warmup: int
+    steps: int
+    repeats: int
+    extra: list[str] = field(default_factory=list)
+
+
+def cases(quick: bool) -> list[Case]:
+    q = 2 if quick else 1
+    return [
+        Case("a", "(a) MLP 8x1024, batch 256", {"arch": "mlp", "depth": 8, "width": 1024}, (784,), 256,
+             3, 16 // q, 5 - q),
+        Case("b", "(b) MLP 2x32, batch 32", {"arch": "mlp", "depth": 2, "width": 32}, (784,), 32,
+             50, 400 // q, 7 - 2 * q),
+        Case("c", "(c) ResNet-20, batch 128", {"arch": "resnet", "preset": "resnet20"}, (3, 32, 32), 128,
+             2, 8 // q, 5 - 2 * q),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def config(case: Case, out: str, *extra: str) -> Config:
+    """A deepnets config for `case` whose training split holds every step of the run in one epoch."""
+    samples = math.ceil((case.warmup + case.steps + 4) * case.batch / (0.8 * 0.9)) + 16
+    model = [f"model.{k}={json.dumps(v)}" for k, v in case.model.items()]
+    return load_config(
+        None,
+        [
+            "name=overhead",
+            f"output_dir={out}",
+            "seed=0",
+            *model,
+            "data.name=synthetic",
+            f"data.input_shape={json.dumps(list(case.input_shape))}",
+            "data.num_classes=10",
+            f"data.num_samples={samples}",
+            f"data.batch_size={case.batch}",
+            "optim.name=sgd",
+            "optim.lr=0.01",
+            "optim.momentum=0.9",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            f"trainer.max_steps={case.warmup + case.steps}",
+            "trainer.test=false",
+            "logging.grad_norm_every_n_steps=0",
+            *case.extra,
+            *extra,
+        ],
+    )
+
+
+class Window(L.Callback):
+    """Stamps the end of optimizer steps `warmup` and `warmup + steps`; keeps the loss of the last one."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.end = warmup, warmup + steps
+        self.t0 = self.seconds = math.nan
+        self.loss = math.nan
+        self.threads = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+        step = trainer.global_step
+        if step == self.warmup:
+            self.t0 = time.perf_counter()
+        elif step == self.end:
+            self.seconds = time.perf_counter() - self.t0
+            self.loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
+            self.threads = torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def quiet() -> Any:
+    """Progress bars and Lightning's banners go to /dev/null (they still run)."""
+    with (
+        open(os.devnull, "w") as null,
+        contextlib.redirect_stdout(null),
+        contextlib.redirect_stderr(null),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        yield
+
+
+@dataclass
+class Timed:
+    ms_per_step: float
+    loss: float
+    threads: int
+    wall_s: float = math.nan  # whole call, setup included
+
+
+def framework(cfg: Config, warmup: int, steps: int) -> Timed:
+    """`deepnets.run.train(cfg)` with a Window callback appended to its callbacks."""
+    window = Window(warmup, steps)
+    original = run._callbacks
+
+    def patched(c: Config, run_dir: Any) -> Any:
+        callbacks, ckpt, early = original(c, run_dir)
+        return [*callbacks, window], ckpt, early
+
+    run._callbacks = patched
+    t = time.perf_counter()
+    try:
+        with quiet():
+            result = run.train(cfg)
+    finally:
+        run._callbacks = original
+    wall = time.perf_counter() - t
+    if result.status != "completed" or math.isnan(window.seconds):
+        raise RuntimeError(f"framework run ended {result.status}: {result.error}")
+    return Timed(window.seconds / steps * 1e3, window.loss, window.threads, wall)
+
+
+def same_model(cfg: Config, input_shape: tuple[int, ...]) -> nn.Module:
+    """The model `train(cfg)` builds: same seed, same construction order."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return build_model(cfg.model, input_shape, 10)
+
+
+def raw(cfg: Config, case: Case, warmup: int, steps: int) -> Timed:
+    """The loop a careful engineer writes: in-memory data gathered per batch, seeded order, the same
+    optimizer, zero_grad(set_to_none=True), the loss read every `log_every_n_steps` steps."""
+    s = load_splits(cfg.data, cfg.seed)
+    model = same_model(cfg, case.input_shape)
+    opt = build_optimizer(model, cfg.optim)
+    x, y = s.x_train, s.y_train
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))  # epoch 0's order
+    log_every = cfg.trainer.log_every_n_steps
+    logged: list[float] = []
+    model.train()
+    t0 = math.nan
+    for i in range(warmup + steps):
+        idx = order[i * case.batch : (i + 1) * case.batch]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (i + 1) % log_every == 0:
+            logged.append(loss.item())
+        if i + 1 == warmup:
+            t0 = time.perf_counter()
+    seconds = time.perf_counter() - t0
+    return Timed(seconds / steps * 1e3, float(loss), torch.get_num_threads())
+
+
+def bare(cfg: Config, case: Case, warmup: int, steps: int) -> Timed:
+    """A minimal LightningModule (no metrics, no logging) in a plain Trainer (no logger, bar,
+    checkpointing): what Lightning itself costs per step. Same data loader and optimizer."""
+    model = same_model(cfg, case.input_shape)
+    s = load_splits(cfg.data, cfg.seed)
+    optim_cfg = cfg.optim
+
+    class Bare(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def train_dataloader(self) -> Any:
+            return TensorBatches(s.x_train, s.y_train, case.batch, shuffle=True, seed=cfg.seed)
+
+        def configure_optimizers(self) -> Any:
+            return build_optimizer(self.model, optim_cfg)
+
+    window = Window(warmup, steps)
+    with quiet():
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=warmup + steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=[window],
+        )
+        trainer.fit(Bare())
+    return Timed(window.seconds / steps * 1e3, window.loss, window.threads)
+
+
+def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def alternate(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[Any]]:
+    """Run each contender once per round, rounds `repeats` times, after one discarded warm-up round."""
+    out: dict[str, list[Any]] = {k: [] for k in fns}
+    for r in range(repeats + 1):
+        for k, fn in fns.items():
+            v = fn()
+            if r > 0:
+                out[k].append(v)
+    return out
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------- the four measurements
+
+
+def bench_training(case: Case, tmp: str, peak: bool) -> dict[str, Any]:
+    cfg = config(case, tmp)
+    fns: dict[str, Callable[[], Any]] = {
+        "raw": lambda: raw(cfg, case, case.warmup, case.steps),
+        "deepnets": lambda: framework(cfg, case.warmup, case.steps),
+        "lightning_bare": lambda: bare(cfg, case, case.warmup, case.steps),
+    }
+    if peak:
+        fns["matmul_gflops"] = matmul_gflops
+    res = alternate(fns, case.repeats)
+    ms = {k: med([t.ms_per_step for t in res[k]]) for k in ("raw", "deepnets", "lightning_bare")}
+    losses = {k: res[k][-1].loss for k in ("raw", "deepnets", "lightning_bare")}
+    out = {
+        "case": case.label,
+        "steps_timed": case.steps,
+        "repeats": case.repeats,
+        "ms_per_step": ms,
+        "steps_per_s": {k: 1e3 / v for k, v in ms.items()},
+        "ratio_deepnets_raw": ms["deepnets"] / ms["raw"],
+        "extra_ms_deepnets_vs_raw": ms["deepnets"] - ms["raw"],
+        "extra_ms_bare_vs_raw": ms["lightning_bare"] - ms["raw"],
+        "extra_ms_deepnets_vs_bare": ms["deepnets"] - ms["lightning_bare"],
+        "loss_at_last_step": losses,
+        "loss_match": math.isclose(losses["deepnets"], losses["raw"], rel_tol=1e-4, abs_tol=1e-5),
+        "threads": {k: res[k][-1].threads for k in ("raw", "deepnets", "lightning_bare")},
+        "deepnets_train_wall_s": med([t.wall_s for t in res["deepnets"]]),
+        "all_ms": {k: [round(t.ms_per_step, 3) for t in res[k]] for k in ("raw", "deepnets", "lightning_bare")},
+    }
+    if peak:
+        model = build_model(cfg.model, case.input_shape, 10)
+        weights = sum(w.numel() for _, w in depth_ordered_layers(model))
+        flops = 6 * weights * case.batch
+        out["flops_per_step"] = flops
+        out["matmul_gflops"] = med(res["matmul_gflops"])
+        out["achieved_gflops"] = {k: flops / (ms[k] / 1e3) / 1e9 for k in ("raw", "deepnets")}
+        out["fraction_of_matmul_peak"] = out["achieved_gflops"]["deepnets"] / out["matmul_gflops"]
+    return out
+
+
+def bench_loader(quick: bool) -> dict[str, Any]:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    n = 60_000
+    x, y = torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
+    batch = 256
+
+    def ours() -> float:
+        loader = TensorBatches(x, y, batch, shuffle=True, seed=0)
+        t = time.perf_counter()
+        for _ in loader:
+            pass
+        return time.perf_counter() - t
+
+    def torch_loader() -> float:
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, generator=g)
+        t = time.perf_counter()
+        for _ in loader:
+            pass
+        return time.perf_counter() - t
+
+    res = alternate({"tensor_batches": ours, "dataloader": torch_loader}, 2 if quick else 4)
+    s = {k: med(v) for k, v in res.items()}
+    return {"samples": n, "batch": batch, "epoch_s": s, "speedup": s["dataloader"] / s["tensor_batches"]}
+
+
+def bench_monitor(tmp: str, quick: bool) -> dict[str, Any]:
+    case = Case("m", "MLP 8x256, batch 128", {"arch": "mlp", "depth": 8, "width": 256}, (784,), 128,
+                20, 200 // (2 if quick else 1), 3 if quick else 5)  # fmt: skip
+    fns = {}
+    for name, every in (("off", 0), ("every_50", 50), ("every_step", 1)):
+        cfg = config(case, tmp, f"logging.grad_norm_every_n_steps={every}")
+        fns[name] = lambda cfg=cfg: framework(cfg, case.warmup, case.steps).ms_per_step
+    res = alternate(fns, case.repeats)
+    ms = {k: med(v) for k, v in res.items()}
+    return {
+        "case": case.label + " (weight norms + update ratios on)",
+        "ms_per_step": ms,
+        "overhead_every_step": ms["every_step"] / ms["off"] - 1,
+        "overhead_every_50": ms["every_50"] / ms["off"] - 1,
+        "all_ms": {k: [round(v, 3) for v in vs] for k, vs in res.items()},
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [
+        "| measurement | raw PyTorch | deepnets | Lightning bare | deepnets vs raw | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    targets = {"a": "ratio <= 1.05", "b": "<= +0.2 ms/step", "c": "ratio <= 1.05"}
+    for key, t in r["training"].items():
+        ms = t["ms_per_step"]
+        cmp = f"x{t['ratio_deepnets_raw']:.3f}, {t['extra_ms_deepnets_vs_raw']:+.2f} ms/step"
+        check = "loss match" if t["loss_match"] else "LOSS MISMATCH"
+        rows.append(
+            f"| {t['case']} steps/s ({check}) | {1e3 / ms['raw']:.1f} ({ms['raw']:.2f} ms) "
+            f"| {1e3 / ms['deepnets']:.1f} ({ms['deepnets']:.2f} ms) "
+            f"| {1e3 / ms['lightning_bare']:.1f} ({ms['lightning_bare']:.2f} ms) | {cmp} | {targets[key]} |"
+        )
+    ld = r["loader"]
+    rows.append(
+        f"| one epoch, {ld['samples']} x 784, batch {ld['batch']}: TensorBatches vs DataLoader(TensorDataset) "
+        f"| {ld['epoch_s']['dataloader'] * 1e3:.0f} ms (DataLoader) | {ld['epoch_s']['tensor_batches'] * 1e3:.1f} ms "
+        f"| | {ld['speedup']:.0f}x faster | >= 10x |"
+    )
+    m = r["monitor"]
+    ms = m["ms_per_step"]
+    rows.append(
+        f"| gradient monitor, {m['case']}: off / every 50 / every step "
+        f"| | {ms['off']:.2f} / {ms['every_50']:.2f} / {ms['every_step']:.2f} ms | "
+        f"| every 50: {m['overhead_every_50']:+.1%}, every step: {m['overhead_every_step']:+.1%} | <= 1% / <= 5% |"
+    )
+    a = r["training"].get("a", {})
+    if "matmul_gflops" in a:
+        rows.append(
+            f"| training GFLOP/s, {a['case']} (6 x weights x batch) vs fp32 matmul 1024^3 "
+            f"| {a['achieved_gflops']['raw']:.1f} | {a['achieved_gflops']['deepnets']:.1f} | "
+            f"| {a['fraction_of_matmul_peak']:.0%} of {a['matmul_gflops']:.1f} GFLOP/s | >= 50% |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--quick", action="store_true", help="fewer steps and repeats (a smoke run)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads for every contender (default 1: see README)"
+    )
+    ap.add_argument("--only", default="abclm", help="subset of a b c (training), l (loader), m (monitor)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+            "loadavg_before": os.getloadavg(),
+        },
+        "training": {},
+    }
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases(args.quick):
+            if case.key in args.only:
+                print(f"... {case.label}", file=sys.stderr, flush=True)
+                result["training"][case.key] = bench_training(case, tmp, peak=case.key == "a")
+        if "l" in args.only:
+            print("... loader", file=sys.stderr, flush=True)
+            result["loader"] = bench_loader(args.quick)
+        if "m" in args.only:
+            print("... gradient monitor", file=sys.stderr, flush=True)
+            result["monitor"] = bench_monitor(tmp, args.quick)
+    result["machine"]["loadavg_after"] = os.getloadavg()
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    if {"loader", "monitor"} <= result.keys() and result["training"]:
+        result["table"] = table(result)
+        print(result["table"])
+    else:
+        print(json.dumps(result, indent=2))
+    mc = result["machine"]
+    print(
+        f"\n{mc['cpus']} CPUs, {mc['torch_threads']} torch threads, torch {mc['torch']}, lightning {mc['lightning']}; "
+        f"load average {mc['loadavg_before'][0]:.1f} -> {mc['loadavg_after'][0]:.1f}; {result['seconds']} s"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
