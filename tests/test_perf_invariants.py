@@ -122,6 +122,11 @@ class Spy:
         self.calls.append(idx)
         return self.x[idx]
 
+    def index_select(self, dim: int, idx: torch.Tensor) -> torch.Tensor:
+        assert dim == 0
+        self.calls.append(idx)
+        return self.x.index_select(dim, idx)
+
 
 def test_loader_gathers_each_batch_at_once() -> None:
     x, y = torch.randn(1000, 4), torch.arange(1000)
