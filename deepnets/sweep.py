@@ -235,14 +235,14 @@ def _quiet_lightning() -> Iterator[None]:
 
 def sweep(cfg: Config, *, verbose: bool = True) -> SweepResult:
     """Run the grid of `cfg.sweep` sequentially; write results.{csv,md} and sweep.png into a fresh sweep dir."""
-    from deepnets.run import train
-
     points = grid(cfg)
     for p in points:  # builds every model once: a bad model config fails before anything runs
         try:
             p.params = count_params(p.cfg)
         except UserError as e:
             raise UserError(f"sweep point {p.label}: {e}") from None
+    from deepnets.run import train  # Lightning: imported once the grid is known to be valid
+
     short = _short_names(list(cfg.sweep.params))
     sweep_dir = _new_sweep_dir(cfg.output_dir, cfg.name)
     (sweep_dir / "sweep.yaml").write_text(to_yaml(cfg))
