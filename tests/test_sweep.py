@@ -144,12 +144,13 @@ def test_double_descent_summary_finds_threshold_and_peak() -> None:
     rows = [
         {"width": w, "params": 10 * w, "seed": s, "status": "completed", "train/error": tr, "test/error": te + s / 100}
         for s in (0, 1)
-        for w, tr, te in [(1, 0.3, 0.2), (2, 0.05, 0.4), (4, 0.0, 0.3), (8, 0.0, 0.1)]
+        # underfit (high test error), sweet spot, peak, threshold, second descent
+        for w, tr, te in [(1, 0.5, 0.6), (2, 0.3, 0.2), (4, 0.05, 0.4), (8, 0.0, 0.3), (16, 0.0, 0.1)]
     ]
     c = double_descent.summarise([*rows, {"width": 8, "status": "diverged"}], "plain")
-    assert c.width == [1, 2, 4, 8] and c.failed == 1
-    assert c.threshold(0.01) == 2 and c.peak() == 1
-    assert c.test_min[1] == pytest.approx(0.4) and c.test_max[1] == pytest.approx(0.41)
+    assert c.width == [1, 2, 4, 8, 16] and c.failed == 1
+    assert c.threshold(0.01) == 3 and c.peak(0.01) == 2  # not the underfit width 1
+    assert c.test_min[2] == pytest.approx(0.4) and c.test_max[2] == pytest.approx(0.41)
 
 
 def test_double_descent_quick_writes_its_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

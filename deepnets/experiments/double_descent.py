@@ -74,8 +74,17 @@ class Curve:
         """Index of the smallest width whose mean training error is <= tol (None: never interpolates)."""
         return next((i for i, e in enumerate(self.train) if e <= tol), None)
 
-    def peak(self) -> int:
-        return max(range(len(self.test)), key=lambda i: self.test[i])
+    def peak(self, tol: float) -> int:
+        """Index of the highest test error past the under-parameterised sweet spot.
+
+        The sweet spot is the lowest test error up to the threshold (the whole
+        curve if it never interpolates); the tiniest nets' underfitting error
+        left of it is the classical U's left arm, not the double-descent peak.
+        """
+        t = self.threshold(tol)
+        end = len(self.test) if t is None else t + 1
+        sweet = min(range(end), key=lambda i: self.test[i])
+        return max(range(sweet, len(self.test)), key=lambda i: self.test[i])
 
 
 def summarise(rows: Sequence[dict[str, Any]], label: str) -> Curve:
@@ -133,7 +142,7 @@ def table(curves: Sequence[Curve], tol: float) -> list[dict[str, Any]]:
         marks = []
         if i == base.threshold(tol):
             marks.append("interpolation threshold")
-        if i == base.peak():
+        if i == base.peak(tol):
             marks.append("test peak")
         row["note"] = ", ".join(marks)
         rows.append(row)
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     fig = plot(curves, args.interp_tol, n_times_k, len(cfg.sweep.seeds), out / "double_descent.png")
     print()
     print(md)
-    t, pk = base.threshold(args.interp_tol), base.peak()
+    t, pk = base.threshold(args.interp_tol), base.peak(args.interp_tol)
     where = f"width {base.width[t]} ({base.params[t]:,} params)" if t is not None else "not reached"
     print(f"n = {n} training samples, {cfg.data.label_noise:.0%} labels flipped; n x classes = {n_times_k:,}")
     print(f"interpolation threshold (mean train error <= {args.interp_tol:.0%}): {where}")
@@ -231,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"largest width {base.width[-1]}: test error {base.test[-1]:.3f} ({drop:.3f} below the peak)")
     for c in curves[1:]:
         at_peak = c.test[c.width.index(base.width[pk])] if base.width[pk] in c.width else math.nan
-        print(f"{c.label}: test error max {max(c.test):.3f}; at the plain peak's width {at_peak:.3f}")
+        print(f"{c.label}: test error {at_peak:.3f} at the plain peak's width, {c.test[-1]:.3f} at the largest")
     print(f"figure: {fig}")
     if not ok:
         print("some runs did not end ok: see the sweeps' results.md")
