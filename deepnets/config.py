@@ -180,7 +180,7 @@ class CheckpointConfig:
 class LoggingConfig:
     tensorboard: bool = _f(True, "TensorBoard event files in the run directory")
     grad_norm_every_n_steps: int = _f(25, "gradient-flow monitor interval (0: off)", ge=0)
-    weight_norms: bool = _f(True, "monitor: also log weight norms and update/weight ratios")
+    weight_norms: bool = _f(False, "monitor: also log weight norms and update/weight ratios (costs a weight copy)")
     vanishing_ratio: float = _f(1e-3, "warn when first/last layer gradient norm falls below", gt=0)
     exploding_norm: float = _f(1e3, "warn when a layer's gradient norm exceeds", gt=0)
     heatmap_every_n_logs: int = _f(20, "monitor: log the layer x step heatmap every N log events", ge=1)

@@ -64,7 +64,8 @@ def mlp(depth: int = 4, activation: str = "relu", arch: str = "mlp", **kw: objec
 
 
 def cfg(**kw: object) -> LoggingConfig:
-    return dataclasses.replace(LoggingConfig(), **kw)
+    """The monitor with everything on (weight norms and update ratios are off by default)."""
+    return dataclasses.replace(LoggingConfig(), **{"weight_norms": True, **kw})
 
 
 def fit(
