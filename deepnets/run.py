@@ -33,6 +33,7 @@ from deepnets.data import InMemoryDataModule
 from deepnets.errors import UserError
 from deepnets.models import build_model
 from deepnets.module import Classifier, LossProgressBar
+from deepnets.rundir import next_dir
 
 RUN_DIR_ENV = "DEEPNETS_RUN_DIR"  # rank 0 hands its run directory to the DDP ranks it launches
 
@@ -74,28 +75,8 @@ def _is_rank_zero() -> bool:
 
 
 def make_run_dir(output_dir: str | Path, name: str) -> Path:
-    """Create `<output_dir>/<name>/version_<n>/` with the next free n.
-
-    mkdir without exist_ok is the lock: two runs started at once get different versions.
-    """
-    root = Path(output_dir) / name
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        taken = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
-        n = max(taken, default=-1) + 1
-        while True:
-            try:
-                (root / f"version_{n}").mkdir()
-                break
-            except FileExistsError:
-                n += 1
-        run_dir = root / f"version_{n}"
-        probe = run_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output_dir {output_dir} is not writable: {e.strerror or e}") from None
-    return run_dir
+    """Create `<output_dir>/<name>/version_<n>/` with the next free n (atomic: concurrent runs differ)."""
+    return next_dir(Path(output_dir) / name, "version", "output_dir")
 
 
 def find_last_checkpoint(output_dir: str | Path, name: str) -> Path:

@@ -51,6 +51,7 @@ from typing import Any
 
 from deepnets.config import Config, from_dict, to_yaml
 from deepnets.errors import UserError
+from deepnets.rundir import next_dir
 
 PARAMS_X = "params"  # sweep.x_key value that plots against the parameter count
 RESERVED = ("seed", "name", "output_dir")  # set by the sweep itself
@@ -172,19 +173,7 @@ def count_params(cfg: Config) -> int:
 
 
 def _new_sweep_dir(output_dir: str, name: str) -> Path:
-    root = Path(output_dir) / name
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        taken = [int(p.name[6:]) for p in root.glob("sweep_*") if p.name[6:].isdigit()]
-        n = max(taken, default=-1) + 1
-        while True:
-            try:
-                (root / f"sweep_{n}").mkdir()  # atomic: concurrent sweeps get different n
-                return root / f"sweep_{n}"
-            except FileExistsError:
-                n += 1
-    except OSError as e:
-        raise UserError(f"output_dir {output_dir} is not writable: {e.strerror or e}") from None
+    return next_dir(Path(output_dir) / name, "sweep", "output_dir")
 
 
 def _row(

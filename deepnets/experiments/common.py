@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: experiments run on servers and in CI
 import matplotlib.pyplot as plt
 
-from deepnets.errors import UserError
+from deepnets.rundir import next_dir
 
 __all__ = ["base_parser", "fmt", "new_run_dir", "plt", "save_figure", "write_table"]
 
@@ -31,26 +31,8 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
 
 
 def new_run_dir(root: str | os.PathLike[str], name: str) -> Path:
-    """Create and return a fresh `<root>/<name>/version_<n>/`, never reusing an existing one.
-
-    `os.mkdir` is atomic, so two concurrent runs racing for the same n get different versions.
-    """
-    base = Path(root) / name
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out: cannot create {base}: {e.strerror}") from None
-    taken = [int(p.name[8:]) for p in base.glob("version_*") if p.name[8:].isdigit()]
-    n = max(taken, default=-1) + 1
-    while True:
-        path = base / f"version_{n}"
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            n += 1
-        except OSError as e:
-            raise UserError(f"--out: cannot create {path}: {e.strerror}") from None
+    """Create and return a fresh `<root>/<name>/version_<n>/`, never reusing an existing one."""
+    return next_dir(Path(root) / name, "version", "--out")
 
 
 def fmt(v: Any) -> str:
