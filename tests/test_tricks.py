@@ -127,3 +127,50 @@ def test_lr_probe_keeps_the_best_step_size(tiny, capsys: pytest.CaptureFixture[s
     assert best == 0.1  # 1e-5 barely moves, 1e4 blows up
     assert load_config(str(result.run_dir / "config.yaml")).optim.lr == 0.1
     assert "<- best" in capsys.readouterr().out
+
+
+def _lrs(name: str, *extra: str, total: int = 100, per_epoch: int = 10) -> list[float]:
+    from deepnets.module import build_scheduler
+
+    cfg = load_config(None, [f"scheduler.name={name}", *extra])
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = build_scheduler(opt, cfg.scheduler, total, per_epoch, 0.1)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step(1.0) if name == "plateau" else sched.step()
+    return lrs
+
+
+def test_schedulers_follow_their_shapes() -> None:
+    step = _lrs("step", "scheduler.step_size=3", "scheduler.gamma=0.5")  # epochs of 10 steps
+    assert step[29] == pytest.approx(0.1) and step[30] == pytest.approx(0.05) and step[60] == pytest.approx(0.025)
+    cos = _lrs("cosine", "scheduler.min_lr=0.001")
+    assert cos[0] == pytest.approx(0.1) and cos[50] == pytest.approx(0.0505, rel=0.02) and cos[-1] < 0.002
+    warm = _lrs("cosine", "scheduler.warmup_steps=10")
+    assert (
+        warm[0] == pytest.approx(0.01)
+        and warm[5] < warm[9] < warm[10] == pytest.approx(0.1)
+        and warm[-1] < warm[50] < 0.1
+    )
+    one = _lrs("onecycle")
+    assert max(one) == pytest.approx(0.1, rel=1e-3) and one[0] < 0.01 and one[-1] < 1e-3
+    plateau = _lrs("plateau", "scheduler.patience=2", "scheduler.gamma=0.5", total=8)
+    assert plateau[0] == 0.1 and plateau[-1] < 0.1  # a constant loss is no improvement
+    with pytest.raises(Exception, match="warmup_steps: not supported with scheduler.name=plateau"):
+        _lrs("plateau", "scheduler.warmup_steps=5")
+
+
+def test_console_script_matches_train_py() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "deepnets"
+    if not script.exists():
+        pytest.skip("console script not installed in this environment")
+    r = subprocess.run([str(script), "--config", "mlp", "--print-config"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "arch: mlp" in r.stdout
+    r = subprocess.run([str(script), "--config", "mlp", "optim.nam=adam"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown key optim.nam; did you mean optim.name?"
