@@ -1,10 +1,12 @@
 """SkipNet: an MLP whose later layers and head also see the input (or every earlier layer).
 
 Shortcuts are concatenations, as in the "cascade" nets of Fahlman & Lebiere
-(1990) and DenseNet (Huang et al. 2017): with `skip_from: input` every layer
-and the head see [h^{l-1}, x], so the gradient reaches W^1 through one
-transformation instead of L; with `skip_from: all` layer l sees
-[x, h^1, ..., h^{l-1}] and the head sees every layer.
+(1990) and DenseNet (Huang et al. 2017). With `skip_from: input` every layer
+and the head see [h^{l-1}, x]: the input reaches the output through one
+transformation, but W^1's gradient still crosses all L layers (it vanishes:
+see `python -m deepnets.experiments vanishing`). With `skip_from: all` layer l
+sees [x, h^1, ..., h^{l-1}] and the head sees every layer, so the gradient
+reaches W^1 through one transformation instead of L.
 """
 
 from __future__ import annotations
