@@ -281,12 +281,26 @@ def write_metrics(run_dir: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, run_dir / "metrics.json")
 
 
+# model keys that do not change the parameters, so a resumed run may change them
+_FREE_ON_RESUME = {"checkpointing", "channels_last", "dropout", "init", "init_std", "init_gain"}
+
+
 def resolve_resume(cfg: Config, resume: str | None) -> tuple[Path | None, Path | None]:
     """(checkpoint to resume from, run directory to continue in) for `--resume last|PATH`."""
     if resume is None:
         return None, None
     path = find_last_checkpoint(cfg.output_dir, cfg.name) if resume == "last" else Path(resume)
-    load_checkpoint(path)  # fail now, with the file named, not deep inside Lightning
+    ckpt = load_checkpoint(path)  # fail now, with the file named, not deep inside Lightning
+    # Weights only fit the architecture they were trained with: say which key differs, not a state_dict dump.
+    saved = (ckpt.get("hyper_parameters") or {}).get("model")
+    if isinstance(saved, dict):
+        current = cfg.to_dict()["model"]
+        for key in current:
+            if key in saved and saved[key] != current[key] and key not in _FREE_ON_RESUME:
+                raise UserError(
+                    f"--resume {path}: the checkpoint has model.{key}={saved[key]!r}, the config model.{key}="
+                    f"{current[key]!r}; resume with the run's own config ({path.parent.parent / 'config.yaml'})"
+                )
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
     if run_dir is not None and not (run_dir / "config.yaml").is_file():
         run_dir = None

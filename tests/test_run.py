@@ -100,13 +100,31 @@ def test_divergence_stops_within_one_step(tiny) -> None:
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
 def test_every_shipped_config_runs_fast_dev_run(name: str, tmp_path: Path) -> None:
-    cfg = load_config(name, [f"output_dir={tmp_path}", "trainer.fast_dev_run=true", "trainer.accelerator=cpu",
-                             "trainer.progress_bar=false"])
+    cfg = load_config(
+        name,
+        [
+            f"output_dir={tmp_path}",
+            "trainer.fast_dev_run=true",
+            "trainer.accelerator=cpu",
+            "trainer.progress_bar=false",
+        ],
+    )
     if cfg.data.name != "digits":  # real datasets are not here: same architecture on synthetic data
         shape = {"cifar10": "[3, 32, 32]"}.get(cfg.data.name, "[1, 28, 28]")
-        cfg = load_config(name, [f"output_dir={tmp_path}", "trainer.fast_dev_run=true", "trainer.accelerator=cpu",
-                                 "trainer.progress_bar=false", "data.name=synthetic", f"data.input_shape={shape}",
-                                 "data.num_samples=64", "trainer.precision=32", "trainer.compile=false"])
+        cfg = load_config(
+            name,
+            [
+                f"output_dir={tmp_path}",
+                "trainer.fast_dev_run=true",
+                "trainer.accelerator=cpu",
+                "trainer.progress_bar=false",
+                "data.name=synthetic",
+                f"data.input_shape={shape}",
+                "data.num_samples=64",
+                "trainer.precision=32",
+                "trainer.compile=false",
+            ],
+        )
     result = train(cfg)
     assert result.status == "completed" and result.run_dir is None
     assert not any(tmp_path.iterdir())  # fast_dev_run writes nothing
@@ -122,8 +140,14 @@ def _tiny_args(tmp_path: Path, *extra: str) -> list[str]:
 
 def _spawn(args: list[str]) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
@@ -137,8 +161,15 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> 
         time.sleep(0.005)
 
 
-LONG = ["data.num_samples=1500", "data.batch_size=16", "trainer.max_epochs=3", "trainer.deterministic=true",
-        "model.dropout=0.3", "checkpoint.every_n_steps=7", "scheduler.name=cosine"]
+LONG = [
+    "data.num_samples=1500",
+    "data.batch_size=16",
+    "trainer.max_epochs=3",
+    "trainer.deterministic=true",
+    "model.dropout=0.3",
+    "checkpoint.every_n_steps=7",
+    "scheduler.name=cosine",
+]
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
@@ -204,3 +235,9 @@ def test_truncated_checkpoint_is_named(tmp_path: Path, tiny) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {bad} is corrupt or truncated: ")
     assert sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir()) == ["version_0"]  # nothing was started
+
+
+def test_resume_with_another_architecture_names_the_key(tmp_path: Path, tiny) -> None:
+    last = train(tiny()).run_dir / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match=r"the checkpoint has model.width=16, the config model.width=32"):
+        train(tiny("model.width=32"), resume=str(last))
