@@ -108,15 +108,22 @@ def _stage_depths(cfg: ModelConfig, default: list[int]) -> list[int]:
 # ---------------------------------------------------------------- builders
 
 
+def _fc_layers(cfg: ModelConfig) -> dict[str, Any]:
+    """The keyword arguments every fully connected family takes from the config."""
+    return {
+        "activation_layer": get_activation(cfg.activation),
+        "norm_layer": _fc_norm(cfg),
+        "dropout": cfg.dropout,
+        "bias": cfg.bias,
+    }
+
+
 def _mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return MLP(
         math.prod(input_shape),
         _widths(cfg, 256),
         num_classes,
-        activation_layer=get_activation(cfg.activation),
-        norm_layer=_fc_norm(cfg),
-        dropout=cfg.dropout,
-        bias=cfg.bias,
+        **_fc_layers(cfg),
         checkpointing=cfg.checkpointing,
     )
 
@@ -126,10 +133,7 @@ def _skipnet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -
         math.prod(input_shape),
         _widths(cfg, 256),
         num_classes,
-        activation_layer=get_activation(cfg.activation),
-        norm_layer=_fc_norm(cfg),
-        dropout=cfg.dropout,
-        bias=cfg.bias,
+        **_fc_layers(cfg),
         skip_from=cfg.skip_from,
         checkpointing=cfg.checkpointing,
     )
@@ -141,10 +145,7 @@ def _resmlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) ->
         _width(cfg, 256),
         cfg.depth,
         num_classes,
-        activation_layer=get_activation(cfg.activation),
-        norm_layer=_fc_norm(cfg),
-        dropout=cfg.dropout,
-        bias=cfg.bias,
+        **_fc_layers(cfg),
         preact=cfg.preact,
         checkpointing=cfg.checkpointing,
     )
@@ -159,10 +160,7 @@ def _densemlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) 
         cfg.layers_per_block,
         cfg.num_blocks,
         num_classes,
-        activation_layer=get_activation(cfg.activation),
-        norm_layer=_fc_norm(cfg),
-        dropout=cfg.dropout,
-        bias=cfg.bias,
+        **_fc_layers(cfg),
         compression=cfg.compression,
         checkpointing=cfg.checkpointing,
     )
