@@ -275,7 +275,7 @@ def _trainer(cfg: Any, callbacks: list[Any]) -> Any:
             devices=t.devices,
             max_steps=t.max_steps,
             max_epochs=t.max_epochs,
-            precision={"32": "32-true"}.get(t.precision, t.precision),
+            precision=t.lightning_precision,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,

@@ -156,6 +156,11 @@ class TrainerConfig:
     lr_probe_steps: int = _f(200, "steps per probed learning rate", ge=1)
     test: bool = _f(True, "test the best checkpoint after fitting")
 
+    @property
+    def lightning_precision(self) -> str:
+        """`precision` as Lightning spells it ("32" -> "32-true")."""
+        return {"32": "32-true", "64": "64-true"}.get(self.precision, self.precision)
+
 
 @dataclass
 class EarlyStoppingConfig:

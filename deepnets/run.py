@@ -203,7 +203,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, callbacks: list[Callback]) 
         devices=t.devices,
         strategy=t.strategy,
         num_nodes=t.num_nodes,
-        precision={"32": "32-true", "64": "64-true"}.get(t.precision, t.precision),
+        precision=t.lightning_precision,
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
         deterministic=t.deterministic,

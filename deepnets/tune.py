@@ -24,7 +24,7 @@ def _scratch_trainer(cfg: Config, max_steps: int) -> L.Trainer:
     return L.Trainer(
         accelerator=t.accelerator,
         devices=1,
-        precision={"32": "32-true", "64": "64-true"}.get(t.precision, t.precision),
+        precision=t.lightning_precision,
         max_steps=max_steps,
         logger=False,
         enable_checkpointing=False,
