@@ -143,7 +143,7 @@ class TrainerConfig:
     max_epochs: int = _f(20, "epoch limit (-1: none)", ge=-1)
     max_steps: int = _f(-1, "optimizer-step limit (-1: none)", ge=-1)
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible on CPU)")
-    log_every_n_steps: int = _f(10, "scalar logging interval (also the progress bar refresh)", ge=1)
+    log_every_n_steps: int = _f(10, "step scalar logging interval (loss, LR, divergence check on GPUs)", ge=1)
     progress_bar: bool = _f(True, "show a progress bar")
     fast_dev_run: bool | int = _f(False, "run N (true: 1) batches of train/val/test, write nothing")
     overfit_batches: int | float = _f(0, "train on this many (or fraction of) batches", ge=0)
@@ -188,7 +188,9 @@ class LoggingConfig:
     weight_norms: bool = _f(False, "monitor: also log weight norms and update/weight ratios (costs a weight copy)")
     vanishing_ratio: float = _f(1e-3, "warn when first/last layer gradient norm falls below", gt=0)
     exploding_norm: float = _f(1e3, "warn when a layer's gradient norm exceeds", gt=0)
-    heatmap_every_n_logs: int = _f(20, "monitor: log the layer x step heatmap every N log events", ge=1)
+    heatmap_every_n_logs: int = _f(
+        20, "monitor: log the layer x step heatmap every N log events (at most every 10 s)", ge=1
+    )
 
 
 @dataclass

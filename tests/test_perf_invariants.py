@@ -14,11 +14,12 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
+import deepnets.module as module
 import deepnets.run as run
 from deepnets.config import load_config
 from deepnets.data import TensorBatches
 from deepnets.models import build_model
-from deepnets.module import Classifier, RunningMean, build_optimizer, is_logging_step
+from deepnets.module import Classifier, LossProgressBar, RunningMean, build_optimizer, is_logging_step
 
 LOG_EVERY = 5
 # Tensor methods that read a value back to the host (a device sync on an accelerator).
@@ -161,3 +162,38 @@ def test_running_mean_accuracy_equals_torchmetrics() -> None:
     assert torch.allclose(ours.compute(), ref.compute())
     ours.reset()
     assert ours.total == 0 and ours.weight == 0
+
+
+def test_progress_bar_redraws_by_time_not_by_step(monkeypatch) -> None:
+    """A redraw costs ~0.3 ms: at 1 ms per step the bar redraws every min_interval_s, not every step,
+    and always on the last batch. `_should_update` is the Lightning hook this relies on."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    assert callable(getattr(TQDMProgressBar, "_should_update", None))  # renamed upstream: fix LossProgressBar
+    clock = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    bar = LossProgressBar(min_interval_s=0.125)  # binary fractions: exact clock arithmetic
+    drawn = []
+    for n in range(1, 301):
+        clock[0] += 1 / 1024  # ~1 ms per step
+        if bar._should_update(n, 300):
+            drawn.append(n)
+    assert drawn == [1, 129, 257, 300]
+    slow = LossProgressBar(min_interval_s=0.125)
+    clock[0] += 10
+    assert slow._should_update(1, 250) and slow._should_update(2, 250) is False
+    clock[0] += 0.5  # a slow step: redrawn at once
+    assert slow._should_update(3, 250)
+
+
+def test_checkpoint_and_early_stopping_state_keys_are_computed_once() -> None:
+    """Lightning formats `state_key` on every hook dispatch; ours are cached and equal to Lightning's,
+    so checkpoints written with plain ModelCheckpoint / EarlyStopping still resume."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    for ours, theirs in (
+        (run.BestCheckpoint(monitor="val/acc", mode="max"), ModelCheckpoint(monitor="val/acc", mode="max")),
+        (run.EarlyStop(monitor="val/loss", patience=3), EarlyStopping(monitor="val/loss", patience=3)),
+    ):
+        assert ours.state_key == theirs.state_key
+        assert "state_key" in vars(ours)  # served from the instance from now on

@@ -47,6 +47,30 @@ def test_end_to_end_run_directory(tiny) -> None:
     assert train(tiny()).run_dir == run.parent / "version_1"
 
 
+def test_step_scalars_are_each_logging_steps_loss(tiny, monkeypatch) -> None:
+    """train/loss_step (written to the loggers directly, not through self.log) lands at the steps
+    Lightning logs (every log_every_n_steps-th optimizer step), holding that step's training loss."""
+    import lightning as L
+
+    import deepnets.run as run
+
+    seen: dict[int, float] = {}
+
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            seen[trainer.global_step - 1] = float(outputs["loss"])  # global_step already counts this step
+
+    original = run._callbacks
+    monkeypatch.setattr(run, "_callbacks", lambda c, d: (lambda r: ([*r[0], Losses()], r[1], r[2]))(original(c, d)))
+    result = train(tiny("trainer.log_every_n_steps=3", "trainer.max_epochs=3"))
+    acc = EventAccumulator(str(result.run_dir))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("train/loss_step")}
+    assert sorted(logged) == [s for s in sorted(seen) if (s + 1) % 3 == 0]
+    assert all(logged[s] == pytest.approx(seen[s], rel=1e-6) for s in logged)
+    assert set(logged) <= {e.step for e in acc.Scalars("epoch")}  # as Lightning adds to every step log
+
+
 def test_test_metrics_come_from_the_best_checkpoint(tiny) -> None:
     result = train(tiny("trainer.max_epochs=3"))
     ckpt = load_checkpoint(json.loads((result.run_dir / "metrics.json").read_text())["best_checkpoint"])
