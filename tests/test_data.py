@@ -34,8 +34,10 @@ def write_cifar(root: Path, n_per_batch: int = 10) -> None:
     base.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        entry = {"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                 "labels": list(np.arange(n_per_batch) % 10)}
+        entry = {
+            "data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+            "labels": list(np.arange(n_per_batch) % 10),
+        }
         with open(base / name, "wb") as f:
             pickle.dump(entry, f)
     with open(base / "batches.meta", "wb") as f:
@@ -175,5 +177,3 @@ def test_datamodule_knows_shapes_before_reading() -> None:
     dm.setup("fit")
     xb, yb = next(iter(dm.train_dataloader()))
     assert xb.shape == (128, 1, 8, 8) and yb.dtype == torch.int64
-
-

@@ -220,6 +220,7 @@ def test_png_tags_and_custom_scalars_layout(tmp_path: Path) -> None:
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=2, heatmap_every_n_logs=2), tmp_path / "run")
+    mon.heatmap_min_interval_s = 0.0  # every 2nd log event, however close in time
     module = Tiny(mlp(depth=11))  # 12 layers: index 10 and 11 must sort after 09
     fit(module, mon, tmp_path, steps=8)
     assert (tmp_path / "run" / "gradient_flow.png").stat().st_size > 10_000
@@ -239,6 +240,14 @@ def test_png_tags_and_custom_scalars_layout(tmp_path: Path) -> None:
     (category,) = [c for c in layout.category if c.title == "Gradient flow"]
     multiline = {ch.title: list(ch.multiline.tag) for ch in category.chart}
     assert sorted(grad_tags) in multiline.values()
+
+
+def test_heatmap_images_are_at_least_ten_seconds_apart(tmp_path: Path) -> None:
+    """Logging every step would otherwise encode a PNG every heatmap_every_n_logs steps."""
+    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1, heatmap_every_n_logs=2), tmp_path / "run")
+    assert mon.heatmap_min_interval_s == 10.0
+    fit(Tiny(mlp(depth=3)), mon, tmp_path, steps=12)  # a second or two: one heatmap, at the 2nd event
+    assert [e.step for e in _events(tmp_path).Images("gradient_flow/heatmap")] == [1]
 
 
 def test_without_tensorboard_history_and_png_remain(tmp_path: Path) -> None:
