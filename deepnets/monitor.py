@@ -191,14 +191,11 @@ class GradientFlowMonitor(L.Callback):
         weights = self._weights
         grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device, dtype=p.dtype) for p in weights]
         other = [p.grad for p in self._others if p.grad is not None]
-        n, m = len(grads), len(other)
-        # One batched kernel for every norm of this log event.
-        norms = torch._foreach_norm(grads + other + (weights if self.weight_norms else []))
-        grad_norm = torch.stack(norms[:n]).float()  # (L,)
-        global_norm = torch.linalg.vector_norm(torch.stack(norms[: n + m]).float()).reshape(1)
-        pending: dict[str, Any] = {"step": step, "parts": [grad_norm, global_norm]}
+        # One batched kernel for every norm of this log event, stacked into one tensor:
+        # (n grads, m other grads[, n weights]); the global norm is taken on the host.
+        norms = torch.stack(torch._foreach_norm(grads + other + (weights if self.weight_norms else []))).float()
+        pending: dict[str, Any] = {"step": step, "n_other": len(other), "parts": [norms]}
         if self.weight_norms:
-            pending["parts"].append(torch.stack(norms[n + m :]).float())  # (L,)
             # Snapshot into a buffer kept for the run: allocating a fresh copy each time
             # costs more than the copy itself (page faults on the CPU, allocator churn on GPUs).
             if self._snapshot is None:
@@ -226,15 +223,15 @@ class GradientFlowMonitor(L.Callback):
                 delta = pending.pop("before")
                 torch._foreach_sub_(delta, [w.detach() for w in self._weights])  # W_before - W_after
                 parts.append(torch.stack(torch._foreach_norm(delta)).float())
-        values = torch.cat(parts).tolist()  # the one device-to-host transfer
-        n = len(self.layer_names)
+        values = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()  # the one device-to-host transfer
+        n, m = len(self.layer_names), pending["n_other"]
         step = pending["step"]
-        grad, glob = values[:n], values[n]
+        grad, glob = values[:n], math.hypot(*values[: n + m])  # hypot: sqrt of the sum of squares
         self._steps.append(step)
         self._grad.append(grad)
         self._global.append(glob)
-        if len(values) > n + 1:
-            wnorm, upd = values[n + 1 : 2 * n + 1], values[2 * n + 1 :]
+        if len(values) > n + m:
+            wnorm, upd = values[n + m : 2 * n + m], values[2 * n + m :]
             ratio = [u / w if w > 0 else math.nan for u, w in zip(upd, wnorm, strict=True)]
             self._wnorm.append(wnorm)
             self._ratio.append(ratio)

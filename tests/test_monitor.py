@@ -97,10 +97,13 @@ class Reference(L.Callback):
     def __init__(self) -> None:
         self.norms: dict[int, list[float]] = {}
         self.weights: dict[int, list[torch.Tensor]] = {}
+        self.global_norms: dict[int, float] = {}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[no-untyped-def]
         layers = depth_ordered_layers(pl_module.model)
         self.norms[trainer.global_step] = [p.grad.double().pow(2).sum().sqrt().item() for _, p in layers]
+        grads = [p.grad.double().flatten() for p in pl_module.model.parameters() if p.grad is not None]
+        self.global_norms[trainer.global_step] = torch.cat(grads).norm().item()
         self.weights[trainer.global_step] = [p.detach().double().clone() for _, p in layers]
 
 
@@ -125,6 +128,8 @@ def test_logged_norms_equal_independent_computation(tmp_path: Path) -> None:
             torch.testing.assert_close(h.update_ratio[row], upd / wn, rtol=1e-4, atol=1e-9)
     # the global norm covers every parameter (biases, BatchNorm), so it exceeds the layers' norm
     assert (h.global_grad_norm >= h.grad_norm.norm(dim=1) - 1e-6).all()
+    expected = torch.tensor([ref.global_norms[s] for s in h.steps], dtype=torch.float64)
+    torch.testing.assert_close(h.global_grad_norm, expected, rtol=1e-6, atol=0)
 
 
 class _OpCounter(TorchDispatchMode):
