@@ -222,6 +222,9 @@ def build_trainer(cfg: Config, run_dir: Path | None, callbacks: list[Callback]) 
             name=run_dir.parent.name,
             version=run_dir.name,
             default_hp_metric=False,
+            # The writer thread flushes to disk every 10 s (TensorBoard's default is 120 s):
+            # live dashboards without a synchronous flush on the training thread.
+            flush_secs=10,
         )
     return L.Trainer(
         accelerator=t.accelerator,
