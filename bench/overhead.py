@@ -79,7 +79,7 @@ def cases(quick: bool) -> list[Case]:
         Case("b", "(b) MLP 2x32, batch 32", {"arch": "mlp", "depth": 2, "width": 32}, (784,), 32,
              100, 2000 // q, 7 - 2 * q, block=50),
         Case("c", "(c) ResNet-20, batch 128", {"arch": "resnet", "preset": "resnet20"}, (3, 32, 32), 128,
-             2, 8 // q, 5 - 2 * q),
+             2, 8 // q, 7 - 2 * q),
     ]  # fmt: skip
 
 

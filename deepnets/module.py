@@ -149,7 +149,7 @@ class Classifier(L.LightningModule):
         x, y = batch  # (B, ...), (B,)
         logits = self(x)  # (B, K)
         loss = F.cross_entropy(logits, y, label_smoothing=self.optim_cfg.label_smoothing)
-        n = len(y)
+        n = y.shape[0]  # not len(): Tensor.__len__ is Python-level
         self.train_loss.update(loss.detach() * n, n)  # exact mean over uneven batches
         self.train_acc.update((logits.detach().argmax(1) == y).sum(), n)
         log_now = self._trainer is not None and is_logging_step(self.trainer)
