@@ -199,20 +199,14 @@ def _lightning_timer(device: torch.device, warmup: int, steps: int) -> Any:
 
 
 def resnet18_model(preset: str = "resnet18", image: int = 32) -> tuple[nn.Module, str]:
-    """ResNet-18 from the deepnets zoo (CIFAR stem), else torchvision's; (model, description).
+    """ResNet-18 from the deepnets zoo (CIFAR stem); (model, description).
 
     The CPU smoke run passes a smaller preset and image size.
     """
-    try:
-        from deepnets.models import build_model
+    from deepnets.models import build_model
 
-        model = build_model({"arch": "resnet", "preset": preset}, (3, image, image), 10)
-        return model, f"deepnets zoo preset {preset}"
-    except Exception as e:  # the zoo may not have the preset yet
-        from torchvision.models import resnet18
-
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        return resnet18(num_classes=10), f"torchvision resnet18 (zoo preset unavailable: {reason[:80]})"
+    model = build_model({"arch": "resnet", "preset": preset}, (3, image, image), 10)
+    return model, f"deepnets zoo preset {preset}"
 
 
 def mlp_model(s: Sizes) -> nn.Module:
@@ -261,30 +255,10 @@ def _samples_for(steps: int, batch: int, test_fraction: float = 0.01) -> int:
 
 
 def _trainer(cfg: Any, callbacks: list[Any]) -> Any:
-    """The framework's own Trainer factory when it is there, a plain equivalent else."""
-    try:
-        from deepnets.run import build_trainer
+    """The framework's own Trainer factory (no run directory)."""
+    from deepnets.run import build_trainer
 
-        return build_trainer(cfg, None, callbacks)
-    except ImportError:
-        import lightning as L
-
-        t = cfg.trainer
-        return L.Trainer(
-            accelerator=t.accelerator,
-            devices=t.devices,
-            max_steps=t.max_steps,
-            max_epochs=t.max_epochs,
-            precision=t.lightning_precision,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            log_every_n_steps=t.log_every_n_steps,
-            callbacks=callbacks,
-        )
+    return build_trainer(cfg, None, callbacks)
 
 
 # ---------------------------------------------------------------- measurements
@@ -529,40 +503,6 @@ def sync_check_framework(s: Sizes, on_gpu: bool) -> Row:
     )
 
 
-def sync_check_raw(model: nn.Module, device: torch.device, batch: int, image: int, on_gpu: bool) -> Row:
-    """A raw bf16 training step under sync-debug mode 'error' (the fallback)."""
-    x = torch.randn(batch, 3, image, image, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    model = model.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(2):
-        step()
-    if on_gpu:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            step()
-    finally:
-        if on_gpu:
-            torch.cuda.set_sync_debug_mode(0)
-    return Row(
-        "sync check: non-logging training step",
-        "raw",
-        None,
-        "",
-        "raw step (framework path unavailable): 3 steps with no host sync",
-    )
-
-
 # ---------------------------------------------------------------- the table
 
 
@@ -769,11 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         return throughput_row(m, comp, "raw")
 
     def sync_check() -> Row:
-        try:
-            return sync_check_framework(s, on_gpu)
-        except ImportError:
-            model, _ = resnet18_model(s.preset, s.image)
-            return sync_check_raw(model, device, s.sync_batch, s.image, on_gpu)
+        return sync_check_framework(s, on_gpu)
 
     mlp_label = f"MLP {s.mlp_depth}x{s.mlp_width} fp32 ({s.mlp_in} in, batch {s.mlp_batch})"
 

@@ -172,22 +172,27 @@ class Timed:
     wall_s: float = math.nan  # whole call, setup included
 
 
-def framework(cfg: Config, warmup: int, steps: int, block: int = 1) -> Timed:
-    """`deepnets.run.train(cfg)` with a Window callback appended to its callbacks."""
-    window = Window(warmup, steps)
+def train_with(cfg: Config, callbacks: Callable[[list[L.Callback]], list[L.Callback]]) -> run.RunResult:
+    """`deepnets.run.train(cfg)`, quietly, with its callback list passed through `callbacks`."""
     original = run._callbacks
 
     def patched(c: Config, run_dir: Any) -> Any:
-        callbacks, ckpt, early = original(c, run_dir)
-        return [*callbacks, window], ckpt, early
+        found, ckpt, early = original(c, run_dir)
+        return callbacks(found), ckpt, early
 
     run._callbacks = patched
-    t = time.perf_counter()
     try:
         with quiet():
-            result = run.train(cfg)
+            return run.train(cfg)
     finally:
         run._callbacks = original
+
+
+def framework(cfg: Config, warmup: int, steps: int, block: int = 1) -> Timed:
+    """`deepnets.run.train(cfg)` with a Window callback appended to its callbacks."""
+    window = Window(warmup, steps)
+    t = time.perf_counter()
+    result = train_with(cfg, lambda found: [*found, window])
     wall = time.perf_counter() - t
     ms = window.ms(block)
     if result.status != "completed" or math.isnan(ms):
@@ -389,7 +394,6 @@ def monitor_run(cfg: Config, every: int, warmup: int, steps: int, block: int) ->
 
     window, toggle = Window(warmup, steps), Toggle(every, warmup, block)
     inside = [0.0]  # seconds inside the monitor's hooks during the window
-    original = run._callbacks
 
     def timed(hook: Callable[..., None]) -> Callable[..., None]:
         def call(trainer: L.Trainer, *args: Any) -> None:
@@ -400,20 +404,14 @@ def monitor_run(cfg: Config, every: int, warmup: int, steps: int, block: int) ->
 
         return call
 
-    def patched(c: Config, run_dir: Any) -> Any:
-        callbacks, ckpt, early = original(c, run_dir)
-        (monitor,) = [cb for cb in callbacks if isinstance(cb, GradientFlowMonitor)]
+    def wire(found: list[L.Callback]) -> list[L.Callback]:
+        (monitor,) = [cb for cb in found if isinstance(cb, GradientFlowMonitor)]
         for name in ("on_before_optimizer_step", "on_train_batch_end"):
             setattr(monitor, name, timed(getattr(monitor, name)))
         toggle.monitor = monitor
-        return [toggle, *callbacks, window], ckpt, early
+        return [toggle, *found, window]
 
-    run._callbacks = patched
-    try:
-        with quiet():
-            result = run.train(cfg)
-    finally:
-        run._callbacks = original
+    result = train_with(cfg, wire)
     if result.status != "completed" or len(window.stamps) != steps + 1:
         raise RuntimeError(f"monitor run ended {result.status}: {result.error}")
     t = [window.stamps[i + block] - window.stamps[i] for i in range(0, steps, block)]  # off, on, off, on, ...

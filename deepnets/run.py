@@ -34,6 +34,7 @@ from deepnets.data import InMemoryDataModule
 from deepnets.errors import UserError
 from deepnets.models import build_model
 from deepnets.module import Classifier, LossProgressBar
+from deepnets.monitor import GradientFlowMonitor
 from deepnets.rundir import next_dir
 from deepnets.tb import use_fast_crc
 
@@ -266,12 +267,7 @@ def _callbacks(
     if cfg.trainer.progress_bar:  # shows the loss without Lightning's per-step prog_bar .item()
         callbacks.append(LossProgressBar())
     if cfg.logging.grad_norm_every_n_steps > 0:
-        try:
-            from deepnets.monitor import GradientFlowMonitor
-        except ImportError:  # the monitor lands separately; training works without it
-            pass
-        else:
-            callbacks.append(GradientFlowMonitor(cfg.logging, run_dir))
+        callbacks.append(GradientFlowMonitor(cfg.logging, run_dir))
     early = None
     if cfg.early_stopping.enabled:
         e = cfg.early_stopping

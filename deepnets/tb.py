@@ -18,11 +18,9 @@ def use_fast_crc() -> bool:
     Same checksums (tests compare both on random data), so the files are what
     TensorBoard itself would write. Safe to call repeatedly.
     """
-    try:
-        import google_crc32c
-        from tensorboard.summary.writer import record_writer
-    except ImportError:
-        return False
+    import google_crc32c  # deferred: only runs that write TensorBoard files need either
+    from tensorboard.summary.writer import record_writer
+
     if getattr(record_writer.masked_crc32c, "fast", False):
         return True
     if google_crc32c.implementation != "c":  # its pure-Python fallback is no faster

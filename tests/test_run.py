@@ -124,24 +124,19 @@ def test_divergence_stops_within_one_step(tiny) -> None:
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
 def test_every_shipped_config_runs_fast_dev_run(name: str, tmp_path: Path) -> None:
-    cfg = load_config(
-        name,
-        [
-            f"output_dir={tmp_path}",
-            "trainer.fast_dev_run=true",
-            "trainer.accelerator=cpu",
-            "trainer.progress_bar=false",
-        ],
-    )
+    quick = [
+        f"output_dir={tmp_path}",
+        "trainer.fast_dev_run=true",
+        "trainer.accelerator=cpu",
+        "trainer.progress_bar=false",
+    ]
+    cfg = load_config(name, quick)
     if cfg.data.name != "digits":  # real datasets are not here: same architecture on synthetic data
         shape = {"cifar10": "[3, 32, 32]"}.get(cfg.data.name, "[1, 28, 28]")
         cfg = load_config(
             name,
             [
-                f"output_dir={tmp_path}",
-                "trainer.fast_dev_run=true",
-                "trainer.accelerator=cpu",
-                "trainer.progress_bar=false",
+                *quick,
                 "data.name=synthetic",
                 f"data.input_shape={shape}",
                 "data.num_samples=64",
