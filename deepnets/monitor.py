@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 import time
 import warnings
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ class GradientFlowMonitor(L.Callback):
         self._layout_written = False
         self._scaler = False
         self._last_heatmap = -math.inf
-        self._unwritten: list[tuple[Any, int]] = []  # (Summary, step) not yet handed to TensorBoard
+        self._unwritten: list[tuple[Any, int, float]] = []  # (Summary, step, wall time) not yet written
         self._last_write = -math.inf
 
     def _reset_history(self) -> None:
@@ -256,15 +257,20 @@ class GradientFlowMonitor(L.Callback):
 
     def _check(self, step: int, grad: list[float], glob: float) -> None:
         names = self.layer_names
-        bad = [f"{names[i]} ({g})" for i, g in enumerate(grad) if not math.isfinite(g)]
-        if (bad or not math.isfinite(glob)) and not self._scaler:
-            # Under 16-mixed the GradScaler skips steps with inf gradients by design.
+        # glob is a hypot over every norm: finite iff all of them are, so one test covers the
+        # common case and the lists below are built only when a warning may be due.
+        finite = math.isfinite(glob)
+        if not finite and not self._scaler:  # under 16-mixed the GradScaler skips inf steps by design
+            bad = [f"{names[i]} ({g})" for i, g in enumerate(grad) if not math.isfinite(g)]
             self._warn(
                 "nonfinite",
                 f"non-finite gradients at step {step}: global norm {glob}; "
                 f"layers: {', '.join(bad) or 'none of the weight layers (other parameters)'}",
             )
-        big = [f"{names[i]} ({g:.3g})" for i, g in enumerate(grad) if math.isfinite(g) and g > self.exploding_norm]
+        if not finite or max(grad) > self.exploding_norm:
+            big = [f"{names[i]} ({g:.3g})" for i, g in enumerate(grad) if math.isfinite(g) and g > self.exploding_norm]
+        else:
+            big = []
         if big:
             self._warn(
                 "exploding",
@@ -308,19 +314,16 @@ class GradientFlowMonitor(L.Callback):
 
     def _log_scalars(self, step: int) -> None:
         """All scalars of one log event as one Summary (one add_scalar call per tag costs ~30 us)."""
-        rows: list[tuple[str, float]] = [*zip(self._tags("grad_norm"), self._grad[-1], strict=True)]
-        rows.append(("grad_norm/global", self._global[-1]))
+        tags = (*self._tags("grad_norm"), "grad_norm/global")
+        values = [*self._grad[-1], self._global[-1]]
         if self.weight_norms and self._wnorm:
-            rows += zip(self._tags("weight_norm"), self._wnorm[-1], strict=True)
-            rows += zip(self._tags("update_ratio"), self._ratio[-1], strict=True)
-        file_writer = getattr(self._writer, "_get_file_writer", None)
-        if file_writer is None:  # tensorboardX or another writer: the slow, general path
-            for tag, v in rows:
+            tags += (*self._tags("weight_norm"), *self._tags("update_ratio"))
+            values += self._wnorm[-1] + self._ratio[-1]
+        if getattr(self._writer, "_get_file_writer", None) is None:  # tensorboardX or another writer
+            for tag, v in zip(tags, values, strict=True):
                 self._writer.add_scalar(tag, v, step)
             return
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        self._unwritten.append((Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in rows]), step))
+        self._unwritten.append((_scalar_summary(tags, values), step, time.time()))
         now = time.monotonic()
         # TensorBoard hands each event to its writer thread: ~0.12 ms of thread handoff per
         # event when they come one by one, ~0.02 ms in a burst. Events less than a second
@@ -332,8 +335,8 @@ class GradientFlowMonitor(L.Callback):
     def _write_scalars(self) -> None:
         if self._unwritten and self._writer is not None:
             file_writer = self._writer._get_file_writer()
-            for summary, step in self._unwritten:
-                file_writer.add_summary(summary, step)
+            for summary, step, wall_time in self._unwritten:
+                file_writer.add_summary(summary, step, wall_time)
         self._unwritten.clear()
 
     def _heatmap_image(self) -> np.ndarray:
@@ -458,6 +461,45 @@ class GradientFlowMonitor(L.Callback):
         self._ratio = state_dict["update_ratio"].tolist()
         self._warned = set(state_dict["warned"])
         self._pending = None
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _summary_layout(tags: tuple[str, ...]) -> tuple[Any, struct.Struct, list[bytes]]:
+    """The Summary class, and each scalar's protobuf bytes up to its value plus the struct packing them.
+
+    `Summary {repeated Value value = 1}`, `Value {string tag = 1; float simple_value = 2}`: in wire
+    format a scalar is 0x0A <len> (0x0A <len> <tag> 0x15 <float32 little-endian>).
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    prefixes = []
+    for tag in tags:
+        encoded = tag.encode()
+        value_head = b"\x0a" + _varint(len(encoded)) + encoded + b"\x15"
+        prefixes.append(b"\x0a" + _varint(len(value_head) + 4) + value_head)
+    return Summary, struct.Struct("<" + "".join(f"{len(p)}sf" for p in prefixes)), prefixes
+
+
+def _scalar_summary(tags: tuple[str, ...], values: list[float]) -> Any:
+    """A TensorBoard Summary of `simple_value` scalars: packed by one struct call and parsed in C.
+
+    The monitor builds one per log event; field by field it costs 20 us for 9 scalars, this 3 us."""
+    summary, packer, prefixes = _summary_layout(tags)
+    args: list[Any] = [None] * (2 * len(values))
+    args[0::2], args[1::2] = prefixes, values
+    try:
+        return summary.FromString(packer.pack(*args))
+    except OverflowError:  # a finite value beyond float32's range: protobuf stores it as inf
+        return summary(value=[summary.Value(tag=t, simple_value=v) for t, v in zip(tags, values, strict=True)])
 
 
 @functools.cache

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from deepnets.config import LoggingConfig
 from deepnets.errors import UserError
 from deepnets.models import build_model, depth_ordered_layers
-from deepnets.monitor import GradientFlowMonitor, GradientFlowWarning
+from deepnets.monitor import GradientFlowMonitor, GradientFlowWarning, _scalar_summary
 
 D, C = 16, 10
 
@@ -379,7 +381,7 @@ def test_dense_events_reach_tensorboard_in_bursts_sparse_ones_at_once(monkeypatc
     written: list[int] = []
 
     class FileWriter:
-        def add_summary(self, summary: Any, step: int) -> None:
+        def add_summary(self, summary: Any, step: int, walltime: float) -> None:
             written.append(step)
 
     class Writer:
@@ -414,3 +416,24 @@ def test_dense_events_reach_tensorboard_in_bursts_sparse_ones_at_once(monkeypatc
     event(11, 0.01)
     mon._end(type("T", (), {"is_global_zero": True})())  # the end of training writes what waits
     assert written == [*range(10), 10, 11]
+
+
+def test_packed_scalar_summary_equals_protobufs_own() -> None:
+    """The monitor packs its Summary bytes itself; they must parse to what protobuf would build."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    def built(values: list[float]) -> Summary:
+        return Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, values, strict=True)])
+
+    tags = ("grad_norm/00_a", "grad_norm/01_" + "block." * 30 + "weight", "grad_norm/02_ü", "grad_norm/global")
+    assert len(tags[1].encode()) > 127  # a two-byte length prefix
+    assert (
+        _scalar_summary(tags, [0.5, 1e-30, 3e38, 2.0]).SerializeToString()
+        == built([0.5, 1e-30, 3e38, 2.0]).SerializeToString()
+    )
+    for values in ([math.nan, math.inf, -math.inf, 0.0], [1e40, 1.0, 2.0, 3.0]):  # 1e40: beyond float32, inf
+        got = _scalar_summary(tags, values)
+        assert [v.tag for v in got.value] == list(tags)
+        np.testing.assert_array_equal(
+            [v.simple_value for v in got.value], [v.simple_value for v in built(values).value]
+        )
