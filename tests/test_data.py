@@ -7,9 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from deepnets.config import load_config
-from deepnets.data import InMemoryDataModule, TensorBatches, flip_labels, load_splits, random_crop_flip, zca_matrix
+from deepnets.data import (
+    InMemoryDataModule,
+    TensorBatches,
+    flip_labels,
+    in_huge_pages,
+    load_splits,
+    random_crop_flip,
+    zca_matrix,
+)
 from deepnets.errors import UserError
 
 
@@ -178,3 +187,37 @@ def test_datamodule_knows_shapes_before_reading() -> None:
     dm.setup("fit")
     xb, yb = next(iter(dm.train_dataloader()))
     assert xb.shape == (128, 1, 8, 8) and yb.dtype == torch.int64
+
+
+def _anon_huge_kib() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_training_set_is_copied_into_huge_pages_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    import deepnets.data as data
+
+    x = torch.randn(16 << 10, 1024)  # 64 MiB
+    before = _anon_huge_kib() if Path("/proc/self/smaps_rollup").exists() else 0
+    h = in_huge_pages(x)
+    assert h.shape == x.shape and h.dtype == x.dtype and h.is_contiguous() and torch.equal(h, x)
+    assert h.data_ptr() != x.data_ptr()  # a copy: writing to it leaves x alone
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert _anon_huge_kib() - before >= 2048  # at least one 2 MiB page
+    expected = x.clone()
+    del x
+    gc.collect()
+    assert torch.equal(h, expected)  # the mapping lives as long as the tensor
+    small = torch.randn(10, 10)
+    assert in_huge_pages(small) is small  # within the TLB's reach: left where it is
+
+    placed: list[Tensor] = []
+    monkeypatch.setattr(data, "in_huge_pages", lambda t: placed.append(t) or t)
+    dm = InMemoryDataModule(load_config(None, []).data, seed=0)
+    dm.setup("fit")
+    assert len(placed) == 1 and placed[0] is dm.splits.x_train
