@@ -52,7 +52,7 @@ from torch import nn
 
 import deepnets.run as run
 from deepnets.config import Config, load_config
-from deepnets.data import TensorBatches, in_huge_pages, load_splits
+from deepnets.data import InMemoryDataModule, Splits, TensorBatches, in_huge_pages
 from deepnets.models import build_model, depth_ordered_layers
 from deepnets.module import build_optimizer
 
@@ -206,13 +206,21 @@ def same_model(cfg: Config, input_shape: tuple[int, ...]) -> nn.Module:
     return build_model(cfg.model, input_shape, 10)
 
 
+def cpu_splits(cfg: Config) -> Splits:
+    """The splits as `train(cfg)` holds them on the CPU (training set in huge pages): through its DataModule."""
+    dm = InMemoryDataModule(cfg.data, cfg.seed)
+    dm.setup("fit")
+    assert dm.splits is not None
+    return dm.splits
+
+
 def raw(cfg: Config, case: Case, warmup: int, steps: int, block: int = 1) -> Timed:
     """The loop a careful engineer writes: in-memory data gathered per batch, seeded order, the same
     optimizer, zero_grad(set_to_none=True), the loss read every `log_every_n_steps` steps."""
-    s = load_splits(cfg.data, cfg.seed)
+    s = cpu_splits(cfg)
     model = same_model(cfg, case.input_shape)
     opt = build_optimizer(model, cfg.optim)
-    x, y = in_huge_pages(s.x_train), s.y_train  # where InMemoryDataModule keeps it on the CPU
+    x, y = s.x_train, s.y_train
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))  # epoch 0's order
     log_every = cfg.trainer.log_every_n_steps
     logged: list[float] = []
@@ -235,8 +243,7 @@ def bare(cfg: Config, case: Case, warmup: int, steps: int, block: int = 1) -> Ti
     """A minimal LightningModule (no metrics, no logging) in a plain Trainer (no logger, bar,
     checkpointing): what Lightning itself costs per step. Same data loader and optimizer."""
     model = same_model(cfg, case.input_shape)
-    s = load_splits(cfg.data, cfg.seed)
-    s.x_train = in_huge_pages(s.x_train)  # as InMemoryDataModule does on the CPU
+    s = cpu_splits(cfg)
     optim_cfg = cfg.optim
 
     class Bare(L.LightningModule):
