@@ -155,6 +155,9 @@ class TrainerConfig:
     lr_probe: list[float] | None = _f(None, "Bottou's trick: learning rates to probe on a subset")
     lr_probe_steps: int = _f(200, "steps per probed learning rate", ge=1)
     test: bool = _f(True, "test the best checkpoint after fitting")
+    threads: int | Literal["auto"] = _f(
+        "auto", "torch intra-/inter-op CPU threads: auto (what this machine needs, see README) or N", ge=1
+    )
 
     @property
     def lightning_precision(self) -> str:

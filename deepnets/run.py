@@ -14,6 +14,7 @@ import os
 import signal
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,9 +345,30 @@ def tune_learning_rate(cfg: Config, model: torch.nn.Module, run_dir: Path | None
     return cfg
 
 
-def train(cfg: Config, resume: str | None = None) -> RunResult:
-    """Fit, test the best checkpoint, and write the run directory; returns how the run ended."""
+def resolve_threads(threads: int | str) -> int:
+    """`trainer.threads` as a count. auto: 1 on a machine of at most 2 cores (small models on a shared
+    2-core box stall on descheduled threads), else torch's default."""
+    if threads != "auto":
+        return int(threads)
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else torch.get_num_threads()
+
+
+def apply_threads(threads: int | str) -> int:
+    n = resolve_threads(threads)
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # settable only before the first inter-op parallel work
+        torch.set_num_interop_threads(n)
+    return n
+
+
+def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> RunResult:
+    """Fit, test the best checkpoint, and write the run directory; returns how the run ended.
+
+    `callbacks` join the run's own (a sweep's pruner, for one).
+    """
     start = time.perf_counter()
+    apply_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path, run_dir = resolve_resume(cfg, resume)
     rank_zero = _is_rank_zero()
@@ -368,8 +390,8 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
     if (cfg.trainer.lr_find or cfg.trainer.lr_probe) and ckpt_path is None:  # a resumed optimizer keeps its lr
         cfg = tune_learning_rate(cfg, model, run_dir if rank_zero else None)
     module = Classifier(model, cfg)
-    callbacks, ckpt, early = _callbacks(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, callbacks)
+    run_callbacks, ckpt, early = _callbacks(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, [*run_callbacks, *callbacks])
 
     result = RunResult(run_dir, "completed", model=model)
     try:
