@@ -11,30 +11,92 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 import sys
 import types
 import typing
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, NoReturn, Union
 
 import yaml
 
 from deepnets.errors import UserError
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+SEED_MAX = 2**32 - 1  # numpy's seed range (Lightning's seed_everything seeds numpy too)
 
 
-def _f(default: Any = dataclasses.MISSING, doc: str = "", **bounds: float) -> Any:
-    """A field with its documentation and numeric bounds (ge, gt, le, lt) as metadata."""
+def _f(default: Any = dataclasses.MISSING, doc: str = "", **bounds: Any) -> Any:
+    """A field with its documentation and checks as metadata.
+
+    ge, gt, le, lt: numeric bounds (for a list: of every item); every float
+    must also be finite. min_items, n_items: list lengths. check: a function
+    (value, key path) that raises a UserError. path: the value is a file
+    system path whose `~` is expanded at load time. allowed: the range as a
+    message states it, where bounds alone do not say it.
+    """
     kwargs: dict[str, Any] = {"metadata": {"doc": doc, **bounds}}
     if isinstance(default, list | dict):
         kwargs["default_factory"] = lambda d=default: type(d)(d)
     else:
         kwargs["default"] = default
     return field(**kwargs)
+
+
+# ---------------------------------------------------------------- field checks (`check=` above)
+
+
+_DEVICES = "auto, an int >= 1, or a non-empty list of distinct device ids >= 0"
+
+
+def _devices(value: Any, path: str) -> None:
+    allowed = f"(allowed: {_DEVICES})"
+    if isinstance(value, int) and value < 1:
+        raise UserError(f"{path}: {value} is out of range {allowed}")
+    if isinstance(value, list) and (not value or min(value) < 0 or len(set(value)) != len(value)):
+        raise UserError(f"{path}: {_show(value)} is not a valid device list {allowed}")
+
+
+_LIMIT = "-1 for no limit, or >= 1"
+
+
+def _limit(value: int, path: str) -> None:
+    # 0 would train nothing and still report `completed`
+    if value != -1 and value < 1:
+        raise UserError(f"{path}: {value} is out of range (allowed: {_LIMIT})")
+
+
+_BATCHES = "an int >= 0, or a fraction in [0, 1]"
+
+
+def _batches(value: int | float, path: str) -> None:
+    ok = 0 <= value <= 1 if isinstance(value, float) else value >= 0
+    if not ok:  # (a non-finite float is refused before this check)
+        raise UserError(f"{path}: {_show(value)} is out of range (allowed: {_BATCHES})")
+
+
+def _run_name(value: str, path: str) -> None:
+    """`name` is a relative path that stays inside output_dir: no `..`, no absolute path, no empty parts."""
+    parts = value.split("/")
+    bad = (
+        not value
+        or value.startswith(("/", "~"))
+        or any(p in ("", ".", "..") for p in parts)
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+    )
+    if bad:
+        raise UserError(
+            f"{path}: {_show(value)} is not a relative path inside output_dir "
+            "(allowed: names like mlp or mnist/mlp; no '..', '.', '~', leading or double '/', control characters)"
+        )
+    long = next((p for p in parts if len(p.encode("utf-8", "surrogatepass")) > 255), None)
+    if long is not None:
+        raise UserError(f"{path}: the part {_show(long)} is longer than 255 bytes, the file system's limit")
 
 
 Activation = Literal["relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid", "identity"]
@@ -50,7 +112,10 @@ class ModelConfig:
     # --- fully connected family (input flattened) ---
     depth: int = _f(4, "hidden layers (mlp, skipnet), residual blocks (resmlp)", ge=1)
     width: int | list[int] | None = _f(
-        None, "hidden width (int or per-layer list); resnet: first-stage channels; null = arch default"
+        None,
+        "hidden width (int or per-layer list); resnet: first-stage channels; null = arch default",
+        ge=1,
+        min_items=1,
     )
     activation: Activation = _f("relu", "nonlinearity h")
     bias: bool = _f(True, "bias terms in linear / classifier layers")
@@ -68,7 +133,7 @@ class ModelConfig:
     num_blocks: int = _f(2, "densemlp: dense blocks", ge=1)
     # --- convolutional family ---
     block: Literal["basic", "bottleneck"] = _f("basic", "resnet block type")
-    stage_depths: list[int] | None = _f(None, "resnet: blocks per stage; densenet: layers per block")
+    stage_depths: list[int] | None = _f(None, "resnet: blocks per stage; densenet: layers per block", ge=1, min_items=1)
     width_multiplier: float = _f(1.0, "scales every channel count (width sweeps)", gt=0)
     stem: Literal["cifar", "imagenet"] = _f("cifar", "cifar: 3x3 conv; imagenet: 7x7 conv + max pool")
     zero_init_residual: bool = _f(False, "zero-init the last BN of each residual branch")
@@ -85,13 +150,13 @@ class DataConfig:
     name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "synthetic"] = _f(
         "digits", "dataset; digits is bundled with scikit-learn and needs no download"
     )
-    root: str = _f("data", "where mnist/fashion_mnist/cifar10 files live")
+    root: str = _f("data", "where mnist/fashion_mnist/cifar10 files live", path=True)
     download: bool = _f(False, "let torchvision download missing files")
     batch_size: int = _f(128, "training batch size (per device)", ge=1)
     eval_batch_size: int | None = _f(None, "val/test batch size (null = 4 x batch_size)", ge=1)
     val_fraction: float = _f(0.1, "share of the training data held out for validation", ge=0, lt=1)
     test_fraction: float = _f(0.2, "share held out for test where the data has no test split", gt=0, lt=1)
-    split_seed: int = _f(0, "seed of the train/val/test split (kept apart from `seed` for sweeps)")
+    split_seed: int = _f(0, "seed of the train/val/test split (kept apart from `seed` for sweeps)", ge=0, le=SEED_MAX)
     train_size: int | None = _f(None, "use only this many training samples", ge=1)
     label_noise: float = _f(0.0, "fraction of training labels flipped to another class", ge=0, le=1)
     standardize: bool = _f(True, "zero mean, unit std from training statistics (per channel / feature)")
@@ -99,7 +164,7 @@ class DataConfig:
     whiten_eps: float = _f(0.01, "ZCA epsilon added to the eigenvalues", gt=0)
     augment: bool = _f(False, "cifar10: random crop (pad 4) + horizontal flip, per batch on device")
     # synthetic data
-    input_shape: list[int] = _f([32], "synthetic: shape of one sample, e.g. [3, 32, 32]")
+    input_shape: list[int] = _f([32], "synthetic: shape of one sample, e.g. [3, 32, 32]", ge=1, min_items=1)
     num_classes: int = _f(10, "synthetic: number of classes", ge=2)
     num_samples: int = _f(1024, "synthetic: samples in total (before splits)", ge=2)
 
@@ -110,13 +175,16 @@ class OptimConfig:
     lr: float = _f(0.1, "learning rate", gt=0)
     momentum: float = _f(0.9, "sgd/rmsprop momentum (heavy ball unless nesterov)", ge=0, lt=1)
     nesterov: bool = _f(False, "sgd: Nesterov momentum")
-    betas: list[float] = _f([0.9, 0.999], "adam/adamw betas")
+    betas: list[float] = _f([0.9, 0.999], "adam/adamw betas", ge=0, lt=1, n_items=2)
     eps: float = _f(1e-8, "adam/adamw/rmsprop/adagrad epsilon", gt=0)
     amsgrad: bool = _f(False, "adam/adamw: AMSGrad variant")
     weight_decay: float = _f(0.0, "L2 penalty / decoupled decay (adamw)", ge=0)
     decay_bias_and_norm: bool = _f(False, "also decay biases and norm parameters")
     layer_decay: float | list[float] | None = _f(
-        None, "per-layer weight decay: a list (one per depth-ordered layer) or a factor per depth"
+        None,
+        "per-layer weight decay: a list (one per depth-ordered layer) or a factor per depth",
+        ge=0,
+        min_items=1,
     )
     l1: float = _f(0.0, "L1 penalty coefficient on weights, added to the loss", ge=0)
     label_smoothing: float = _f(0.0, "cross-entropy label smoothing", ge=0, lt=1)
@@ -136,23 +204,29 @@ class SchedulerConfig:
 @dataclass
 class TrainerConfig:
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = _f("auto", "auto uses a GPU when present")
-    devices: int | str | list[int] = _f("auto", "devices per node: auto, a count, or a list of ids")
+    devices: Literal["auto"] | int | list[int] = _f(
+        "auto", "devices per node: auto, a count, or a list of ids", check=_devices, allowed=_DEVICES
+    )
     strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = _f("auto", "multi-device strategy")
     num_nodes: int = _f(1, "nodes (multi-node DDP)", ge=1)
     precision: Literal["32", "bf16-mixed", "16-mixed", "64"] = _f("32", "numeric precision")
-    max_epochs: int = _f(20, "epoch limit (-1: none)", ge=-1)
-    max_steps: int = _f(-1, "optimizer-step limit (-1: none)", ge=-1)
+    max_epochs: int = _f(20, "epoch limit (-1: none)", check=_limit, allowed=_LIMIT)
+    max_steps: int = _f(-1, "optimizer-step limit (-1: none)", check=_limit, allowed=_LIMIT)
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-reproducible on CPU)")
     log_every_n_steps: int = _f(10, "step scalar logging interval (loss, LR, divergence check on GPUs)", ge=1)
     progress_bar: bool = _f(True, "show a progress bar")
-    fast_dev_run: bool | int = _f(False, "run N (true: 1) batches of train/val/test, write nothing")
-    overfit_batches: int | float = _f(0, "train on this many (or fraction of) batches", ge=0)
-    limit_val_batches: int | float = _f(1.0, "validation batches per epoch (or fraction)", ge=0)
+    fast_dev_run: bool | int = _f(False, "run N (true: 1) batches of train/val/test, write nothing", ge=1)
+    overfit_batches: int | float = _f(
+        0, "train on this many (or fraction of) batches", check=_batches, allowed=_BATCHES
+    )
+    limit_val_batches: int | float = _f(
+        1.0, "validation batches per epoch (or fraction)", check=_batches, allowed=_BATCHES
+    )
     check_val_every_n_epoch: int = _f(1, "validation interval in epochs", ge=1)
     compile: bool = _f(False, "wrap the model in torch.compile")
     detect_anomaly: bool = _f(False, "torch.autograd anomaly detection (slow; debugging)")
     lr_find: bool = _f(False, "run Lightning's LR finder first and use its suggestion")
-    lr_probe: list[float] | None = _f(None, "Bottou's trick: learning rates to probe on a subset")
+    lr_probe: list[float] | None = _f(None, "Bottou's trick: learning rates to probe on a subset", gt=0, min_items=1)
     lr_probe_steps: int = _f(200, "steps per probed learning rate", ge=1)
     test: bool = _f(True, "test the best checkpoint after fitting")
     threads: int | Literal["auto"] = _f(
@@ -206,9 +280,9 @@ class SweepConfig:
 
 @dataclass
 class Config:
-    name: str = _f("run", "run name: runs go to <output_dir>/<name>/version_<n>/")
-    seed: int = _f(0, "seed for weights, data order and dropout")
-    output_dir: str = _f("runs", "root of all run directories")
+    name: str = _f("run", "run name: runs go to <output_dir>/<name>/version_<n>/", check=_run_name)
+    seed: int = _f(0, "seed for weights, data order and dropout", ge=0, le=SEED_MAX)
+    output_dir: str = _f("runs", "root of all run directories", path=True)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -223,99 +297,279 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------- YAML
+# ---------------------------------------------------------------- YAML 1.2 (core schema)
+#
+# PyYAML implements YAML 1.1, whose implicit types surprise: `1:20` is 80 (base 60), `0100` is 64
+# (octal), `yes`/`on`/`n` are booleans, `2020-01-01` a date, `1e-3` a string, and a repeated key
+# silently replaces the first. Configs are read with the YAML 1.2 core schema instead (what
+# ruamel.yaml and most current parsers do), with a hand-built resolver table because PyYAML has
+# no 1.2 mode: null, true/false, decimal / 0o / 0x ints, floats with an optional exponent,
+# .inf/.nan; everything else is a string. Only the core tags construct; any other tag
+# (!!timestamp, !!binary, !!set, !!python/...) is refused, so nothing but data comes out.
+
+_NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_INT_DEC = re.compile(r"^[-+]?[0-9]+$")
+_INT_OCT = re.compile(r"^0o[0-7]+$")
+_INT_HEX = re.compile(r"^0x[0-9a-fA-F]+$")
+_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+_CORE_RESOLVERS = [  # (tag, regex, first characters); ints before floats: "1" is an int
+    ("tag:yaml.org,2002:null", _NULL, ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:bool", _BOOL, list("tTfF")),
+    ("tag:yaml.org,2002:int", _INT, list("-+0123456789")),
+    ("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789.")),
+]
+_MAX_DEPTH = 64  # nesting levels; a config needs 3
+_MAX_VALUES = 100_000  # scalars and collections after expanding aliases (a "billion laughs" stops here)
+_MAX_INT = 2**64  # larger integers are no config value (and their decimal text is slow to print)
+_MAX_BYTES = 1 << 20  # a config file larger than 1 MiB is not a config file
+_TAG = "tag:yaml.org,2002:"
+
+
+def _tag_name(tag: str) -> str:
+    return "!!" + tag.removeprefix(_TAG) if tag.startswith(_TAG) else tag
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float.
+    """SafeLoader with the YAML 1.2 core schema, duplicate keys refused and a nesting limit."""
 
-    PyYAML implements YAML 1.1, whose float regex needs a dot and a signed
-    exponent, so `lr: 1e-3` would silently become the string "1e-3".
-    """
+    yaml_implicit_resolvers: dict[Any, Any] = {}  # noqa: RUF012 (PyYAML's class-level tables)
+    yaml_constructors: dict[Any, Any] = {}  # noqa: RUF012
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        # PyYAML composes recursively: 3,000 nested `[` would be a RecursionError, not a message
+        self._depth += 1
+        try:
+            if self._depth > _MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {_MAX_DEPTH} levels deep", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _fail(self, node: yaml.Node, problem: str) -> NoReturn:
+        raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):
+            self._fail(node, f"expected a mapping, found {node.id}")
+        mapping: dict[Any, Any] = {}
+        lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value == "<<" and key_node.style is None:
+                self._fail(key_node, "merge keys (<<) are YAML 1.1, not 1.2; write the keys out")
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                self._fail(key_node, f"a {type(key).__name__} cannot be a key")
+            if key in mapping:
+                self._fail(key_node, f"duplicate key {_show(key)} (first at line {lines[key]})")
+            lines[key] = key_node.start_mark.line + 1
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+    def construct_yaml_null(self, node: yaml.Node) -> None:
+        value = self.construct_scalar(node)
+        if not _NULL.match(value):
+            self._fail(node, f"!!null {_show(value)} is not null")
+        return None
+
+    def construct_yaml_bool(self, node: yaml.Node) -> bool:
+        value = self.construct_scalar(node)
+        if not _BOOL.match(value):
+            self._fail(node, f"!!bool {_show(value)} is not a boolean (allowed: true, false)")
+        return value.lower() == "true"
+
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        value = self.construct_scalar(node)
+        try:
+            if _INT_DEC.match(value):
+                out = int(value, 10)
+            elif _INT_OCT.match(value):
+                out = int(value[2:], 8)
+            elif _INT_HEX.match(value):
+                out = int(value[2:], 16)
+            else:
+                self._fail(node, f"!!int {_show(value)} is not an integer (YAML 1.2: 12, -3, 0o17, 0x1f)")
+        except ValueError:  # more digits than Python converts
+            self._fail(node, f"integer {value[:20]}... has too many digits")
+        if abs(out) >= _MAX_INT:
+            self._fail(node, f"integer {value[:20]}{'...' if len(value) > 20 else ''} is too large")
+        return out
+
+    def construct_yaml_float(self, node: yaml.Node) -> float:
+        value = self.construct_scalar(node)
+        if not (_FLOAT.match(value) or _INT_DEC.match(value)):
+            self._fail(node, f"!!float {_show(value)} is not a number (YAML 1.2: 0.1, 1e-3, .inf, .nan)")
+        low = value.lower()
+        if low.endswith((".inf", ".nan")):
+            return float(low.replace(".", ""))
+        return float(value)
+
+    def construct_undefined(self, node: yaml.Node) -> NoReturn:
+        self._fail(
+            node,
+            f"tag {_tag_name(node.tag)} is not allowed (allowed: !!str, !!int, !!float, !!bool, !!null, !!seq, !!map)",
+        )
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
+for _tag, _regex, _first in _CORE_RESOLVERS:
+    _Loader.add_implicit_resolver(_tag, _regex, _first)
+for _name, _method in [
+    ("null", _Loader.construct_yaml_null),
+    ("bool", _Loader.construct_yaml_bool),
+    ("int", _Loader.construct_yaml_int),
+    ("float", _Loader.construct_yaml_float),
+    ("str", yaml.SafeLoader.construct_yaml_str),
+    ("seq", yaml.SafeLoader.construct_yaml_seq),
+    ("map", yaml.SafeLoader.construct_yaml_map),
+]:
+    _Loader.add_constructor(_TAG + _name, _method)
+_Loader.add_constructor(None, _Loader.construct_undefined)
+
+
+def _audit(data: Any, where: str) -> None:
+    """Refuse what YAML's aliases can build but no config is: cycles, huge expansions, deep nesting,
+    and strings that are not valid Unicode (a "\\ud800" escape cannot be written back as UTF-8)."""
+    on_path: set[int] = set()
+    stack: list[tuple[Any, int, bool]] = [(data, 1, False)]
+    seen = 0
+    while stack:
+        obj, depth, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(obj))
+            continue
+        seen += 1
+        if seen > _MAX_VALUES:
+            raise UserError(f"{where}: more than {_MAX_VALUES:,} values after expanding aliases")
+        if isinstance(obj, str):
+            try:
+                obj.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError(f"{where}: the string {_show(obj)} is not valid Unicode (a lone surrogate)") from None
+        elif isinstance(obj, list | dict):
+            if id(obj) in on_path:
+                raise UserError(f"{where}: a value contains itself (recursive alias)")
+            if depth > _MAX_DEPTH:
+                raise UserError(f"{where}: nested more than {_MAX_DEPTH} levels deep")
+            on_path.add(id(obj))
+            stack.append((obj, depth, True))
+            children = [*obj.keys(), *obj.values()] if isinstance(obj, dict) else obj
+            stack.extend((c, depth + 1, False) for c in children)
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML safely; `!!python/...` tags and syntax errors become UserErrors."""
+    """Parse YAML 1.2 safely; every problem (syntax, tags, duplicate keys, ...) becomes a one-line UserError.
+
+    `source` names the file (messages then say file:line) or the override.
+    """
     try:
-        return yaml.load(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{where}: invalid YAML: {problem}") from None
+        where = f"{source}:{mark.line + 1}" if mark and not source.startswith("override") else source
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"{where}: invalid YAML: {_one_line(problem)}") from None
+    except RecursionError:
+        raise UserError(f"{source}: invalid YAML: nested too deeply") from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:  # a PyYAML corner we missed
+        raise UserError(f"{source}: invalid YAML: {_one_line(str(e)) or type(e).__name__}") from None
+    _audit(data, source)
+    return data
+
+
+# ---------------------------------------------------------------- loading
 
 
 def resolve_config_path(name_or_path: str) -> Path:
     """A path as given; otherwise configs/NAME or configs/NAME.yaml (cwd first, then the package's)."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    for root in (Path("configs"), CONFIGS_DIR):
-        for cand in (root / name_or_path, root / f"{name_or_path}.yaml"):
-            if cand.is_file():
-                return cand
-    raise UserError(f"config {name_or_path!r} not found (looked in ., ./configs and {CONFIGS_DIR})")
+    try:
+        p = Path(name_or_path)
+        if p.is_file():
+            return p
+        for root in (Path("configs"), CONFIGS_DIR):
+            for cand in (root / name_or_path, root / f"{name_or_path}.yaml"):
+                if cand.is_file():
+                    return cand
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        pass
+    raise UserError(f"config {_show(name_or_path)} not found (looked in ., ./configs and {CONFIGS_DIR})")
 
 
-def load_config(name_or_path: str | None, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
+def read_config_text(path: Path) -> str:
+    """The text of a config file: UTF-8 (a BOM is allowed), at most 1 MiB."""
+    try:
+        size = path.stat().st_size
+        if size > _MAX_BYTES:
+            raise UserError(f"{path}: {size:,} bytes is too large for a config file (at most {_MAX_BYTES:,})")
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+
+
+def load_config(name_or_path: str | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config, apply `dotted.key=value` overrides, validate."""
     raw: Any = {}
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise UserError(f"cannot read config {path}: {e.strerror}") from None
-        raw = parse_yaml(text, str(path)) or {}
+        raw = parse_yaml(read_config_text(path), str(path))
+        if raw is None:
+            raw = {}
         if not isinstance(raw, dict):
-            raise UserError(f"{path}: the top level must be a mapping of sections")
+            raise UserError(f"{path}: the top level must be a mapping of sections, got {_show(raw)}")
     apply_overrides(raw, overrides)
     return from_dict(raw)
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Set each `dotted.key=value` in `raw` (the value parsed as YAML); a later override wins."""
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {item!r} must look like dotted.key=value")
-        node = raw
         parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
+        if not sep or not key or any(not p.strip() for p in parts):
+            raise UserError(f"override {_show(item)} must look like dotted.key=value")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
             if not isinstance(child, dict):
-                raise UserError(f"override {key}: {part} is not a section")
+                raise UserError(f"override {_key_text(key)}: {'.'.join(parts[: i + 1])} is not a section")
             node = child
-        node[parts[-1]] = parse_yaml(value, f"override {key}")
+        node[parts[-1]] = parse_yaml(value, f"override {_key_text(key)}")
 
 
 def from_dict(raw: Mapping[str, Any]) -> Config:
-    return build_section(Config, raw, "")
+    """Validate a nested dict (a parsed config file) into a Config: types, ranges, then cross-field checks."""
+    cfg = build_section(Config, raw, "")
+    validate(cfg)
+    return cfg
 
 
 def build_section(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, Mapping):
-        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {_show(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in raw:
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(fields)}"
-            raise UserError(f"unknown key {prefix}{key}{hint}")
+            raise UserError(f"unknown key {prefix}{_key_text(key)}{hint}")
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
@@ -325,15 +579,59 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = build_section(tp, raw[name] if raw[name] is not None else {}, f"{path}.")
         else:
-            kwargs[name] = _check(raw[name], tp, path)
-            _check_bounds(kwargs[name], f.metadata, path)
+            kwargs[name] = _check_field(raw[name], tp, f.metadata, path)
     return cls(**kwargs)
+
+
+def _check_field(value: Any, tp: Any, meta: Mapping[str, Any], path: str) -> Any:
+    """`value` converted to `tp` and checked against the field's metadata, or a UserError naming `path`."""
+    out = _check(value, tp, path)
+    _check_bounds(out, meta, path)
+    if meta.get("path") and isinstance(out, str):
+        out = _expand_path(out, path)
+    if "check" in meta and out is not None:
+        meta["check"](out, path)
+    return out
+
+
+def _expand_path(value: str, path: str) -> str:
+    """`~` expanded once, here, so config.yaml records the path the run really used."""
+    if not value or "\0" in value:
+        raise UserError(f"{path}: {_show(value)} is not a path (empty or has a NUL character)")
+    out = os.path.expanduser(value)
+    if out.startswith("~"):
+        raise UserError(f"{path}: cannot expand {value.split('/')[0]} (no such user, or HOME is not set)")
+    return out
+
+
+# ---------------------------------------------------------------- types and bounds
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr of a value for a message: one line, at most `limit` characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than Python prints
+        text = f"<int of {value.bit_length()} bits>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key_text(key: Any) -> str:
+    """A key as written in a message: plain if it looks like a key, else its repr."""
+    if isinstance(key, str) and re.fullmatch(r"[\w./-]{1,60}", key):
+        return key
+    return _show(key)
 
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        return str(args[0]) if len(args) == 1 else "one of " + ", ".join(str(a) for a in args)
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin in (list, dict):
@@ -343,11 +641,40 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _literals(tp: Any) -> list[str]:
+    """Every allowed Literal value inside `tp` (for "did you mean")."""
+    if typing.get_origin(tp) is Literal:
+        return [str(a) for a in typing.get_args(tp)]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return [v for a in typing.get_args(tp) for v in _literals(a)]
+    return []
+
+
+def _hint(value: Any, tp: Any) -> str:
+    if isinstance(value, str):
+        near = difflib.get_close_matches(value, _literals(tp), n=1, cutoff=0.6)
+        if near:
+            return f"; did you mean {near[0]}?"
+        if value.lower() in ("yes", "no", "on", "off", "y", "n") and bool in _flat_types(tp):
+            return " (YAML 1.2: only true and false are booleans)"
+        if re.fullmatch(r"[-+]?[0-9][0-9_:]*(\.[0-9_]*)?", value) and {int, float} & set(_flat_types(tp)):
+            return " (YAML 1.2 numbers have no '_' separators and no base-60 ':')"
+    elif value is not None and not isinstance(value, list | dict) and str in _flat_types(tp):
+        return " (quote it to keep it a string)"
+    return ""
+
+
+def _flat_types(tp: Any) -> list[Any]:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return [t for a in typing.get_args(tp) for t in _flat_types(a)]
+    return [tp]
+
+
 def _check(value: Any, tp: Any, path: str) -> Any:
     """Return `value` converted to `tp`, or raise a UserError naming `path` and what is allowed."""
     ok, out = _match(value, tp)
     if not ok:
-        raise UserError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise UserError(f"{path}: expected {_type_name(tp)}, got {_show(value)}{_hint(value, tp)}")
     return out
 
 
@@ -358,7 +685,10 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:
     if origin is Literal:
         for allowed in typing.get_args(tp):
             # precision: 32 in YAML is an int; the Literal holds the string "32"
-            if value == allowed or (isinstance(allowed, str) and str(value) == allowed):
+            if type(value) is type(allowed) and value == allowed:
+                return True, allowed
+            numeric = isinstance(value, int) and not isinstance(value, bool)
+            if isinstance(allowed, str) and numeric and str(value) == allowed:
                 return True, allowed
         return False, None
     if origin in (Union, types.UnionType):
@@ -374,11 +704,13 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:
         items = [_match(v, item_tp) for v in value]
         return (all(ok for ok, _ in items), [v for _, v in items])
     if origin is dict:
-        _, val_tp = typing.get_args(tp)
+        key_tp, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
             return False, None
+        keys = [_match(k, key_tp) for k in value]
         items = {k: _match(v, val_tp) for k, v in value.items()}
-        return all(ok for ok, _ in items.values()), {k: v for k, (_, v) in items.items()}
+        ok = all(ok for ok, _ in keys) and all(ok for ok, _ in items.values())
+        return ok, {k: v for k, (_, v) in items.items()}
     if tp is type(None):
         return value is None, None
     if tp is bool:
@@ -387,7 +719,10 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return ok, float(value) if ok else None
+        try:
+            return ok, float(value) if ok else None
+        except OverflowError:  # an int beyond float's range
+            return False, None
     if tp is str:
         return isinstance(value, str), value
     return isinstance(value, tp), value
@@ -402,18 +737,243 @@ _BOUNDS = {
 
 
 def _check_bounds(value: Any, meta: Mapping[str, Any], path: str) -> None:
-    values = value if isinstance(value, list) else [value]
-    for v in values:
-        if not isinstance(v, int | float) or isinstance(v, bool):
-            continue
-        for key, (_, ok) in _BOUNDS.items():
-            if key in meta and not ok(v, meta[key]):
-                rng = " and ".join(f"{s} {meta[k]}" for k, (s, _) in _BOUNDS.items() if k in meta)
-                raise UserError(f"{path}: {v!r} is out of range (allowed: {rng})")
+    """Every number finite, within the field's bounds (each item of a list), and lists of the right length."""
+    if isinstance(value, list):
+        if "n_items" in meta and len(value) != meta["n_items"]:
+            n, want = len(value), meta["n_items"]
+            raise UserError(f"{path}: {_show(value)} has {n} value{'' if n == 1 else 's'} (allowed: exactly {want})")
+        if "min_items" in meta and len(value) < meta["min_items"]:
+            raise UserError(f"{path}: {_show(value)} is empty (allowed: at least {meta['min_items']} value)")
+        for i, v in enumerate(value):
+            _check_number(v, meta, f"{path}[{i}]")
+    else:
+        _check_number(value, meta, path)
+
+
+def _check_number(v: Any, meta: Mapping[str, Any], path: str) -> None:
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return
+    rng = meta.get("allowed") or " and ".join(f"{s} {_show(meta[k])}" for k, (s, _) in _BOUNDS.items() if k in meta)
+    allowed = f" (allowed: {rng})" if rng else ""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise UserError(f"{path}: {v} is not a finite number{allowed}")
+    if isinstance(v, int) and not -(2**63) <= v < 2**63:
+        raise UserError(f"{path}: {_show(v)} does not fit in 64 bits{allowed}")
+    for key, (_, ok) in _BOUNDS.items():
+        if key in meta and not ok(v, meta[key]):
+            raise UserError(f"{path}: {v!r} is out of range{allowed}")
+
+
+# ---------------------------------------------------------------- cross-field checks
+
+# The metrics a run logs, per task: monitors must name one of these. (Regression joins this table.)
+LOGGED_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("train/loss", "train/acc", "val/loss", "val/acc"),
+}
+
+
+def task_of(cfg: Config) -> str:
+    """The task a config trains (every dataset is classification today)."""
+    return "classification"
+
+
+def validation_off(cfg: Config) -> str | None:
+    """Why the run has no validation (the setting to blame), or None when it validates."""
+    t = cfg.trainer
+    if cfg.data.val_fraction == 0:
+        return f"data.val_fraction={cfg.data.val_fraction}"
+    if t.limit_val_batches == 0:
+        return f"trainer.limit_val_batches={t.limit_val_batches}"
+    if not t.fast_dev_run and t.max_epochs != -1 and t.check_val_every_n_epoch > t.max_epochs:
+        return f"trainer.check_val_every_n_epoch={t.check_val_every_n_epoch} > trainer.max_epochs={t.max_epochs}"
+    return None
+
+
+def _check_monitor(cfg: Config, key: str, metric: str) -> None:
+    logged = LOGGED_METRICS[task_of(cfg)]
+    if metric not in logged:
+        near = difflib.get_close_matches(metric, logged, n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        raise UserError(f"{key}: {_show(metric)} is not a metric this run logs{hint} (allowed: {', '.join(logged)})")
+    off = validation_off(cfg)
+    if metric.startswith("val/") and off is not None:
+        train = ", ".join(m for m in logged if m.startswith("train/"))
+        raise UserError(f"{key}: {metric} needs a validation split, but {off} (allowed without one: {train})")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span several keys; each error names the key to change."""
+    t, s = cfg.trainer, cfg.scheduler
+    if s.name == "plateau":
+        if s.warmup_steps:
+            raise UserError("scheduler.warmup_steps: not supported with scheduler.name=plateau")
+        off = validation_off(cfg)
+        if off is not None:
+            raise UserError(f"scheduler.name: plateau watches val/loss, but there is no validation split ({off})")
+    if s.name in ("cosine", "onecycle") and t.max_epochs == -1 and t.max_steps == -1:
+        raise UserError(
+            f"scheduler.name: {s.name} needs the length of the run; set trainer.max_epochs or trainer.max_steps"
+        )
+    if t.lr_find and t.lr_probe:
+        raise UserError("trainer.lr_find and trainer.lr_probe both set: choose one")
+    if cfg.early_stopping.enabled:
+        _check_monitor(cfg, "early_stopping.monitor", cfg.early_stopping.monitor)
+    if cfg.checkpoint.enabled:
+        _check_monitor(cfg, "checkpoint.monitor", cfg.checkpoint.monitor)
+
+
+# ---------------------------------------------------------------- devices that exist
+
+
+@dataclass
+class Visible:
+    """The accelerators this process can use."""
+
+    cuda: int = 0  # CUDA devices
+    mps: bool = False
+    bf16: bool = False  # the first CUDA device computes in bfloat16
+    cuda_name: str = ""
+
+
+def visible_devices() -> Visible:
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    cuda = CUDAAccelerator.auto_device_count() if CUDAAccelerator.is_available() else 0
+    bf16, name = False, ""
+    if cuda:
+        import torch
+
+        bf16, name = torch.cuda.is_bf16_supported(), torch.cuda.get_device_name(0)
+    return Visible(cuda, MPSAccelerator.is_available(), bf16, name)
+
+
+_DEVICE_NAMES = {"cpu": "the CPU", "cuda": "CUDA", "mps": "MPS"}
+
+
+def check_devices(t: TrainerConfig, visible: Visible) -> str:
+    """The accelerator `t` resolves to on a machine with `visible`; a UserError for what cannot run there."""
+    acc = t.accelerator
+    if acc in ("gpu", "cuda") and not visible.cuda and not (acc == "gpu" and visible.mps):
+        raise UserError(f"trainer.accelerator={acc}: no CUDA device is visible")
+    if acc == "mps" and not visible.mps:
+        raise UserError("trainer.accelerator=mps: no MPS device is available (Apple silicon only)")
+    # auto and gpu in Lightning's order: MPS, then CUDA, then the CPU
+    auto = "mps" if visible.mps else "cuda" if visible.cuda else "cpu"
+    resolved = auto if acc in ("auto", "gpu") else acc
+    d = t.devices
+    shown = f"trainer.devices={d}"
+    if resolved == "cpu" and isinstance(d, list):
+        raise UserError(f"{shown}: device ids need a GPU; on the CPU give a process count (e.g. 2)")
+    if resolved == "cuda":
+        n = visible.cuda
+        if isinstance(d, int) and d > n:
+            raise UserError(f"{shown}: only {n} CUDA device{'s are' if n > 1 else ' is'} visible")
+        if isinstance(d, list) and max(d) >= n:
+            raise UserError(f"{shown}: CUDA device {max(d)} does not exist (visible: {', '.join(map(str, range(n)))})")
+    if resolved == "mps":
+        if d not in ("auto", 1, [0]):
+            raise UserError(f"{shown}: an MPS machine has one device (allowed: auto, 1, [0])")
+        if t.strategy != "auto" or t.num_nodes > 1:
+            raise UserError(f"trainer.strategy={t.strategy}: MPS runs on one device only (allowed: auto)")
+    if t.strategy == "fsdp":
+        if resolved != "cuda":
+            raise UserError(f"trainer.strategy=fsdp: needs CUDA devices, but the run uses {_DEVICE_NAMES[resolved]}")
+        if t.precision == "64":
+            raise UserError("trainer.precision=64: not supported with trainer.strategy=fsdp")
+    if t.precision == "16-mixed" and resolved == "cpu":
+        # Lightning would warn and train in bf16 while config.yaml says 16-mixed
+        raise UserError(
+            "trainer.precision=16-mixed: float16 mixed precision needs a GPU; on the CPU use bf16-mixed or 32"
+        )
+    if t.precision == "bf16-mixed" and resolved == "cuda" and not visible.bf16:
+        raise UserError(
+            f"trainer.precision=bf16-mixed: {visible.cuda_name or 'this GPU'} has no bfloat16; use 16-mixed"
+        )
+    if t.precision == "64" and resolved == "mps":
+        raise UserError("trainer.precision=64: MPS has no float64 (allowed there: 32, 16-mixed, bf16-mixed)")
+    return resolved
+
+
+def check_runtime(cfg: Config) -> None:
+    """Fail with one line, before anything is written, on trainer settings this machine cannot run.
+
+    The known cases get their own message (check_devices); anything else Lightning's Trainer
+    refuses at construction is caught by constructing one with the same settings (~20 ms;
+    nothing is written: no logger, no checkpointing).
+    """
+    import logging
+
+    import lightning as L
+
+    t = cfg.trainer
+    check_devices(t, visible_devices())
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [q.level for q in quiet]
+    try:
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            L.Trainer(
+                accelerator=t.accelerator,
+                devices=t.devices,
+                strategy=t.strategy,
+                num_nodes=t.num_nodes,
+                precision=t.lightning_precision,  # type: ignore[arg-type]
+                max_epochs=t.max_epochs,
+                max_steps=t.max_steps,
+                log_every_n_steps=t.log_every_n_steps,
+                fast_dev_run=t.fast_dev_run,
+                overfit_batches=t.overfit_batches,
+                limit_val_batches=t.limit_val_batches,
+                check_val_every_n_epoch=t.check_val_every_n_epoch,
+                gradient_clip_val=cfg.optim.grad_clip_norm,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+            )
+    except Exception as e:  # Lightning raises ValueError, TypeError, MisconfigurationException, ...
+        raise UserError(
+            f"trainer: Lightning refuses accelerator={t.accelerator}, devices={t.devices}, strategy={t.strategy}, "
+            f"num_nodes={t.num_nodes}, precision={t.precision}: {_one_line(str(e)) or type(e).__name__}"
+        ) from None
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
+
+
+# ---------------------------------------------------------------- writing
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes what `load_config` reads back equal: sections in block style, short lists of scalars
+    in flow style, and any string that YAML 1.1 or 1.2 would read as something else quoted."""
+
+
+# PyYAML quotes a string when its own (1.1) resolvers would read it as another type; adding the
+# 1.2 resolvers quotes the rest ('1e5', '0o17'), so either reading gives the string back.
+for _tag, _regex, _first in _CORE_RESOLVERS:
+    _Dumper.add_implicit_resolver(_tag, _regex, _first)
+
+
+def _represent_dict(dumper: yaml.SafeDumper, data: dict[Any, Any]) -> yaml.Node:
+    return dumper.represent_mapping(_TAG + "map", data, flow_style=False)
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    flat = all(isinstance(v, int | float | str | type(None)) for v in data) and len(data) <= 16
+    return dumper.represent_sequence(_TAG + "seq", data, flow_style=flat)
+
+
+_Dumper.add_representer(dict, _represent_dict)
+_Dumper.add_representer(list, _represent_list)
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+    """The config as YAML that `load_config` reads back equal (a run's config.yaml)."""
+    return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
 
 
 def markdown_table() -> str:

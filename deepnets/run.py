@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from deepnets.checkpoint import RNGState, SafeCheckpointIO, load_checkpoint
-from deepnets.config import Config, to_yaml
+from deepnets.config import Config, check_runtime, to_yaml
 from deepnets.data import InMemoryDataModule
 from deepnets.errors import UserError
 from deepnets.models import build_model
@@ -367,6 +367,7 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
 
     `callbacks` join the run's own (a sweep's pruner, for one).
     """
+    check_runtime(cfg)  # devices, strategy and precision this machine can run: one error line, nothing written
     start = time.perf_counter()
     apply_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
