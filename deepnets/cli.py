@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from typing import NoReturn
 
 from deepnets.errors import UserError
 
@@ -12,11 +13,26 @@ EXIT_USER_ERROR = 2
 EXIT_FAILED = 1  # diverged or interrupted: the run ended, but not well
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one `error:` line and exit 2, like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def one_line(text: str) -> str:
+    """A message on one line: newlines (from a value or a library's message) become spaces."""
+    return " ".join(text.split())
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="deepnets",
         description="Train a deep network from a YAML config and log its gradient flow.",
-        epilog="examples: deepnets --config mlp.yaml   deepnets --config resnet model.width=32 optim.lr=0.05",
+        # Raw: argparse would join the example lines into one
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  deepnets --config mlp.yaml\n  deepnets --config resnet model.width=32 optim.lr=0.05",
     )
     p.add_argument("--config", "-c", help="config file, or a name in configs/ (with or without .yaml)")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config values (YAML scalars)")
@@ -34,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 
