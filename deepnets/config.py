@@ -230,7 +230,7 @@ class TrainerConfig:
     lr_probe_steps: int = _f(200, "steps per probed learning rate", ge=1)
     test: bool = _f(True, "test the best checkpoint after fitting")
     threads: int | Literal["auto"] = _f(
-        "auto", "torch intra-/inter-op CPU threads: auto (what this machine needs, see README) or N", ge=1
+        "auto", "torch intra-/inter-op CPU threads: auto (what this machine needs, see README) or N", ge=1, le=1024
     )
 
     @property
@@ -831,20 +831,22 @@ class Visible:
 
     cuda: int = 0  # CUDA devices
     mps: bool = False
-    bf16: bool = False  # the first CUDA device computes in bfloat16
+    bf16: bool = True  # the CUDA device autocasts to bfloat16 (what torch.autocast checks)
     cuda_name: str = ""
 
 
-def visible_devices() -> Visible:
+def visible_devices(ask_bf16: bool = False) -> Visible:
+    """What this process can use. Counting CUDA devices does not initialise CUDA (Lightning counts
+    through NVML); asking about bfloat16 does, so it is asked only when the run would use it."""
     from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 
     cuda = CUDAAccelerator.auto_device_count() if CUDAAccelerator.is_available() else 0
-    bf16, name = False, ""
-    if cuda:
+    mps = MPSAccelerator.is_available()
+    if cuda and ask_bf16 and not mps:
         import torch
 
-        bf16, name = torch.cuda.is_bf16_supported(), torch.cuda.get_device_name(0)
-    return Visible(cuda, MPSAccelerator.is_available(), bf16, name)
+        return Visible(cuda, mps, torch.cuda.is_bf16_supported(), torch.cuda.get_device_name())
+    return Visible(cuda, mps)
 
 
 _DEVICE_NAMES = {"cpu": "the CPU", "cuda": "CUDA", "mps": "MPS"}
@@ -906,7 +908,7 @@ def check_runtime(cfg: Config) -> None:
     import lightning as L
 
     t = cfg.trainer
-    check_devices(t, visible_devices())
+    check_devices(t, visible_devices(ask_bf16=t.precision == "bf16-mixed"))
     quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
     levels = [q.level for q in quiet]
     try:
