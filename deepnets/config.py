@@ -355,6 +355,13 @@ class _Loader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        # Checked in the scanner too: it looks at every open `[` for each token (quadratic: 3,000
+        # nested `[` took over a second before the composer's limit was reached).
+        if self.flow_level >= _MAX_DEPTH:
+            raise yaml.scanner.ScannerError(None, None, f"nested more than {_MAX_DEPTH} levels deep", self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
     def _fail(self, node: yaml.Node, problem: str) -> NoReturn:
         raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
 
