@@ -94,11 +94,15 @@ class TensorBatches:
         return order
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self._batches()
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        # Epoch and position are read at the first batch, not at iter(): Lightning calls iter() before a
+        # resumed run loads the loader state back (deepnets.run.ResumeLoaderState). A finished epoch
+        # (position at the end, as in an epoch-end checkpoint) moves on to the next one.
         if self.position >= len(self):
             self.epoch, self.position = self.epoch + 1, 0
-        return self._batches(self.epoch, self.position)
-
-    def _batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        epoch, start = self.epoch, self.position
         order = self.indices(epoch).to(self.x.device, non_blocking=True)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import functools
-import json
 import math
 import os
 import signal
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
 )
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from deepnets.checkpoint import RNGState, SafeCheckpointIO, load_checkpoint
 from deepnets.config import Config, check_runtime, to_yaml
@@ -36,10 +37,14 @@ from deepnets.errors import UserError
 from deepnets.models import build_model
 from deepnets.module import Classifier, LossProgressBar
 from deepnets.monitor import GradientFlowMonitor
-from deepnets.rundir import next_dir
+from deepnets.rundir import FULL, RunLock, check_writable, next_dir, read_json, remove_stale_temps, write_json_atomic
 from deepnets.tb import use_fast_crc
 
 RUN_DIR_ENV = "DEEPNETS_RUN_DIR"  # rank 0 hands its run directory to the DDP ranks it launches
+# DDP: how long a rank waits for the others, at the rendezvous (all ranks of all nodes joining) and in
+# every collective, before it fails with torch's timeout error. torch's default is 30 min; a rank
+# that died mid-run is noticed by gloo/NCCL at once, a node that never comes after this long.
+DDP_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("DEEPNETS_DDP_TIMEOUT_S", "300")))
 
 
 @dataclass
@@ -57,15 +62,64 @@ class RunResult:
 
 
 class Diverged(Exception):
-    def __init__(self, step: int) -> None:
-        super().__init__(f"loss became non-finite at step {step}")
+    def __init__(self, step: int, what: str = "loss") -> None:
+        super().__init__(f"{what} became non-finite at step {step}")
         self.step = step
 
 
-class Interrupted(Exception):
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"{signal.Signals(signum).name} received; stopped after step {step}")
+class Interrupted(BaseException):
+    """SIGTERM / SIGINT stopped the run. A BaseException, as KeyboardInterrupt is: code that handles
+    `Exception` (a file reader turning any failure into "corrupt") must not swallow it."""
+
+    def __init__(self, signum: int, step: int | None = None) -> None:
+        where = "before training started" if step is None else f"stopped after step {step}"
+        super().__init__(f"{signal.Signals(signum).name} received; {where}")
         self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (Ctrl+C) for the whole of `train()`.
+
+    Until the run directory is made, a signal stops at once (nothing has been written). From
+    `defer()` on it is only recorded: the run stops at the next safe point (after the training step
+    in flight, after a validation pass in flight, after the test batch in flight, or before fit),
+    saves last.ckpt where training had started, writes metrics.json and exits with 128 + the signal.
+    Lightning replaces the SIGTERM handler at the start of each fit/test; `install()` is called
+    again from the first hook of each (LastCheckpoint).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.deferred = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+        if not self.deferred:
+            raise Interrupted(signum)
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                previous = signal.signal(sig, self._handler)
+                self._previous.setdefault(sig, previous)
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    def check(self, step: int | None) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum, step)
+
+    def __enter__(self) -> StopSignals:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 # ---------------------------------------------------------------- run directory
@@ -96,17 +150,151 @@ def find_last_checkpoint(output_dir: str | Path, name: str) -> Path:
     raise UserError(f"--resume last: no intact checkpoint under {root}/version_*/checkpoints/")
 
 
+def _relative(path: str | Path | None, run_dir: Path) -> str | None:
+    """`path` relative to the run directory, so a moved run directory keeps its records true."""
+    return None if path is None else os.path.relpath(Path(path).absolute(), run_dir.absolute())
+
+
+class RunRecord:
+    """metrics.json of one run directory, across every segment (the first run and each resume).
+
+    Written when the segment starts (status `running`), at every last.ckpt save, and when it ends,
+    however it ends. Each write goes through a temp file and a rename. A resume appends a segment
+    and keeps the run's totals: `wall_seconds` over all segments, the last value of each train/val
+    metric, the best checkpoint. A previous segment still marked `running` ended without a word
+    (SIGKILL, power loss): it becomes `killed`.
+    """
+
+    def __init__(self, run_dir: Path, cfg: Config, resumed_from: Path | None, start_step: int) -> None:
+        self.run_dir, self.cfg = run_dir, cfg
+        self.path = run_dir / "metrics.json"
+        self.start = time.perf_counter()
+        previous = read_json(self.path) or {}
+        self.segments: list[dict[str, Any]] = [s for s in previous.get("segments", []) if isinstance(s, dict)]
+        if self.segments and self.segments[-1].get("status") == "running":
+            self.segments[-1]["status"] = "killed"
+        self.previous_seconds = sum(float(s.get("wall_seconds") or 0) for s in self.segments)
+        old = previous.get("metrics") if isinstance(previous.get("metrics"), dict) else {}
+        self.previous_metrics = {k: v for k, v in old.items() if not k.startswith("test/")}
+        self.segment: dict[str, Any] = {
+            "start_step": start_step,
+            "end_step": start_step,
+            "wall_seconds": 0.0,
+            "status": "running",
+            "resumed_from": _relative(resumed_from, run_dir),
+        }
+        self.best: tuple[str | None, float | None] = (previous.get("best_checkpoint"), previous.get("best_score"))
+        self.epochs, self.steps = previous.get("epochs", 0), previous.get("steps", start_step)
+
+    def write(
+        self,
+        status: str,
+        error: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        trainer: L.Trainer | None = None,
+        ckpt: ModelCheckpoint | None = None,
+    ) -> None:
+        seconds = round(time.perf_counter() - self.start, 3)
+        if trainer is not None:
+            self.epochs, self.steps = trainer.current_epoch, trainer.global_step
+        if ckpt is not None and ckpt.best_model_path and Path(ckpt.best_model_path).is_file():
+            score = ckpt.best_model_score
+            self.best = (_relative(ckpt.best_model_path, self.run_dir), None if score is None else float(score))
+        best_path = self.best[0]
+        if best_path is not None and not (self.run_dir / best_path).is_file():
+            self.best = (None, None)  # never name a checkpoint that is not there (a failed save, a removed file)
+        self.segment |= {"end_step": self.steps, "wall_seconds": seconds, "status": status}
+        merged = {**self.previous_metrics, **(metrics or {})}
+        write_json_atomic(
+            self.path,
+            {
+                "status": status,
+                "error": error,
+                "metrics": merged,
+                "epochs": self.epochs,
+                "steps": self.steps,
+                "wall_seconds": round(self.previous_seconds + seconds, 3),
+                "best_checkpoint": self.best[0],
+                "best_score": self.best[1],
+                "monitor": self.cfg.checkpoint.monitor if self.cfg.checkpoint.enabled else None,
+                "resumed_from": self.segment["resumed_from"],
+                "seed": self.cfg.seed,
+                "segments": [*self.segments, self.segment],
+            },
+        )
+
+
+@dataclass
+class RunDir:
+    """The run directory a run writes into, held under its lock by rank 0 (None: writes nothing)."""
+
+    path: Path | None
+    record: RunRecord | None = None
+    lock: RunLock | None = None
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+@contextlib.contextmanager
+def open_run_dir(cfg: Config, resume: Resume, stop: StopSignals) -> Iterator[RunDir]:
+    """Make (or, resuming this run, take back) the run directory: lock it, clean it, record the config.
+
+    Called once config, data and model are known to be good, so a failure before leaves nothing.
+    """
+    if cfg.trainer.fast_dev_run:
+        yield RunDir(None)
+        return
+    if not _is_rank_zero():  # a DDP rank launched by rank 0, which made the directory and writes it
+        yield RunDir(Path(os.environ[RUN_DIR_ENV]) if RUN_DIR_ENV in os.environ else None)
+        return
+    stop.defer()  # from here on a signal is recorded and stops the run where its records can be written
+    path = resume.run_dir if resume.run_dir is not None else make_run_dir(cfg.output_dir, cfg.name)
+    run = RunDir(path, lock=RunLock(path))
+    assert run.lock is not None
+    run.lock.acquire()
+    try:
+        remove_stale_temps(path)  # ours now: temp files in it belong to a dead process
+        try:
+            (path / "config.yaml").write_text(to_yaml(cfg))
+        except OSError as e:
+            raise UserError(f"cannot write {path / 'config.yaml'}: {e.strerror or e}") from None
+        run.record = RunRecord(path, cfg, resume.path, resume.step)
+        run.record.write("running")
+        os.environ[RUN_DIR_ENV] = str(path)  # inherited by the processes Lightning's DDP launcher starts
+        yield run
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+        run.close()
+
+
 # ---------------------------------------------------------------- callbacks
 
 
-class DivergenceGuard(Callback):
-    """Stops the run when the training loss becomes non-finite, before it is checkpointed.
+def nonfinite_weights(module: torch.nn.Module) -> bool:
+    """Whether any parameter or floating-point buffer (BatchNorm statistics) holds an inf or NaN.
 
-    `isfinite` is accumulated on the device every step; reading it back is a
-    host sync, so on an accelerator it is read only on logging steps and
-    before checkpoints (on the CPU it costs nothing and is read every step).
-    Runs before ModelCheckpoint (Lightning orders checkpoint callbacks last),
-    so a diverged step is never saved.
+    One fused max-abs over all tensors (get_total_norm with norm_type=inf uses torch's foreach
+    kernels) and one host read: cheap enough before every checkpoint. The inf-norm of finite values
+    never overflows, unlike the 2-norm.
+    """
+    tensors = [t.detach() for t in module.parameters()]
+    tensors += [b for b in module.buffers() if b.is_floating_point()]
+    if not tensors:
+        return False
+    return not bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf)))
+
+
+class DivergenceGuard(Callback):
+    """Stops the run when the training loss or the weights become non-finite, before they are checkpointed.
+
+    The loss of step N is computed before step N's update, so a finite loss says nothing about the
+    weights a checkpoint would hold: the weights are checked themselves before every save
+    (`check_weights`, called by LastCheckpoint and, through the hooks below, before Lightning's
+    ModelCheckpoint, which Lightning orders last). `isfinite` of the loss is accumulated on the
+    device every step; reading it back is a host sync, so on an accelerator it is read only on
+    logging steps and before checkpoints (on the CPU it costs nothing and is read every step).
     """
 
     def __init__(self, check_every_n_steps: int, checkpoint_every_n_steps: int | None) -> None:
@@ -118,6 +306,11 @@ class DivergenceGuard(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.read_every_step is None:
             self.read_every_step = pl_module.device.type == "cpu"
+
+    @staticmethod
+    def check_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if nonfinite_weights(pl_module):
+            raise Diverged(trainer.global_step, "weights")
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -138,55 +331,123 @@ class DivergenceGuard(Callback):
         if due and not bool(self._finite):
             raise Diverged(step)
 
+    # ModelCheckpoint saves the best at validation end (or at epoch end without validation)
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.check_weights(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_weights(trainer, pl_module)
+
 
 class LastCheckpoint(Callback):
-    """Keeps last.ckpt current: at the end of every epoch, every `every_n_steps` steps, and on a signal.
+    """Keeps last.ckpt current: at the end of every epoch, every `every_n_steps` steps, and on a signal;
+    and stops the run on SIGTERM / SIGINT (see StopSignals) at the next safe point.
 
-    (Lightning's `ModelCheckpoint(save_last=True)` copies only checkpoints it
-    saves anyway, i.e. the best ones, so its last.ckpt can lag behind.) On
-    SIGTERM / SIGINT the step in flight finishes, last.ckpt is saved, and the
-    run stops with `Interrupted`: the handlers replace Lightning's SIGTERM
-    notifier during training and turn Ctrl+C from a KeyboardInterrupt mid-step
-    into the same clean stop.
+    (Lightning's `ModelCheckpoint(save_last=True)` copies only checkpoints it saves anyway, i.e. the
+    best ones, so its last.ckpt can lag behind.) Safe points: after the training step in flight
+    (last.ckpt is saved, mid-epoch), at the end of the epoch when the signal came during its last step
+    or its validation (validation finishes, so its numbers are whole; last.ckpt is the epoch-end
+    one), after the test batch in flight. Every checkpoint written is either mid-epoch (not after the
+    epoch's last step) or at epoch end: both resume bitwise (tests/test_faults.py). Under DDP the
+    ranks agree (an all-reduce of the signal) so all of them stop at the same step.
     """
 
-    def __init__(self, ckpt_dir: Path | None, every_n_steps: int | None) -> None:
+    def __init__(
+        self,
+        ckpt_dir: Path | None,
+        every_n_steps: int | None,
+        stop: StopSignals | None = None,
+        on_save: Any = None,
+    ) -> None:
         self.ckpt_dir = ckpt_dir
         self.every_n_steps = every_n_steps
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
+        self.stop = stop if stop is not None else StopSignals()
+        self.on_save = on_save  # called after each save (metrics.json keeps up with last.ckpt)
 
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.signum = signum
+    def _signal(self, trainer: L.Trainer) -> int | None:
+        signum = self.stop.signum
+        if trainer.world_size > 1:  # every rank must stop at the same step, or the others hang in a collective
+            flag = torch.tensor(signum or 0, device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(flag, reduce_op="max")) or None
+            self.stop.signum = self.stop.signum or signum
+        return signum
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.ckpt_dir is None:
+            return
+        DivergenceGuard.check_weights(trainer, pl_module)
+        trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+        if self.on_save is not None and trainer.is_global_zero:
+            self.on_save(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                self._previous[sig] = signal.signal(sig, self._handler)
+        self.stop.install()  # over Lightning's SIGTERM notifier, which would stop mid-validation
+        if self._signal(trainer) is not None:  # came before the first step: nothing to save
+            raise Interrupted(self.stop.signum or 0, trainer.global_step)
 
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stop.install()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return  # the epoch's last step: validation follows, then the epoch-end save (and stop)
         periodic = self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0
-        if self.ckpt_dir is not None and (periodic or self.signum is not None):
-            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
-        if self.signum is not None:
-            raise Interrupted(self.signum, trainer.global_step)
+        signum = self._signal(trainer)
+        if periodic or signum is not None:
+            self._save(trainer, pl_module)
+        if signum is not None:
+            raise Interrupted(signum, trainer.global_step)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.ckpt_dir is not None:  # after validation, so best-model and early-stopping state are current
-            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+        self._save(trainer, pl_module)  # after validation, so best-model and early-stopping state are current
+        if (signum := self._signal(trainer)) is not None:
+            raise Interrupted(signum, trainer.global_step)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *_: Any
+    ) -> None:
+        if (signum := self._signal(trainer)) is not None:
+            raise Interrupted(signum, trainer.global_step)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore()
+
+# Lightning's checkpoint layout: the train loader's state (TensorBatches.state_dict) under the fit loop.
+# Lightning loads it back only when it considers itself restarting mid-epoch; ResumeLoaderState
+# reads it from here in every case. tests/test_faults.py fails if Lightning moves it.
+LOADER_STATE_PATH = ("loops", "fit_loop", "state_dict", "combined_loader")
+
+
+def loader_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]] | None:
+    node: Any = checkpoint
+    for key in LOADER_STATE_PATH:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node if isinstance(node, list) else None
+
+
+class ResumeLoaderState(Callback):
+    """Puts the train loader back where the checkpoint left it, epoch-end checkpoints included.
+
+    Lightning restores the loader state only when it restarts mid-epoch: resumed from an epoch-end
+    checkpoint, the loader would start over at epoch 0 and replay that epoch's order. The state is
+    applied at train start, before the loader hands out its first batch (TensorBatches picks its
+    epoch and position at the first batch, not at `iter()`).
+    """
+
+    def __init__(self) -> None:
+        self._states: list[dict[str, Any]] | None = None
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._states = loader_states(checkpoint)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if self._states and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(self._states[0])
+        self._states = None
 
 
 class _CachedStateKey:
@@ -211,7 +472,58 @@ class EarlyStop(_CachedStateKey, EarlyStopping):
     _lightning_class = EarlyStopping
 
 
+class RunCheckpointIO(SafeCheckpointIO):
+    """SafeCheckpointIO whose failed writes (a full disk, a file-size limit) are one UserError naming the file.
+
+    torch's zip writer reports a failed write as a RuntimeError ("file write failed"); the atomic
+    save has already removed its temp file, so the previous checkpoint stays intact.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        try:
+            super().save_checkpoint(checkpoint, path, storage_options)
+        except OSError as e:
+            raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+        except RuntimeError as e:
+            if "write" not in str(e):
+                raise
+            raise UserError(f"cannot write checkpoint {path}: {_disk_reason(Path(path))}") from None
+
+
+def _disk_reason(path: Path) -> str:
+    """Why a write under `path` failed, as the OS would say it, when torch's message does not."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return f"File too large (the file-size limit is {soft} bytes)"
+    with contextlib.suppress(OSError):
+        st = os.statvfs(path.parent)
+        if st.f_bavail * st.f_frsize < 64 << 20:
+            return os.strerror(28)  # No space left on device
+    return "write failed"
+
+
+@dataclass
+class Resume:
+    """What `--resume` continues from: the checkpoint, its step, and the run directory to continue in
+    (None: start a new one)."""
+
+    path: Path | None = None
+    step: int = 0
+    run_dir: Path | None = None
+
+
 # ---------------------------------------------------------------- the pipeline
+
+
+def _strategy(name: str) -> Any:
+    """`trainer.strategy`, with DDP's rendezvous and collective timeout set (DDP_TIMEOUT)."""
+    if name in ("ddp", "ddp_spawn"):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(start_method="popen" if name == "ddp" else "spawn", timeout=DDP_TIMEOUT)
+    return name
 
 
 def build_trainer(cfg: Config, run_dir: Path | None, callbacks: list[Callback]) -> L.Trainer:
@@ -231,7 +543,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, callbacks: list[Callback]) 
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=_strategy(t.strategy),
         num_nodes=t.num_nodes,
         precision=t.lightning_precision,
         max_epochs=t.max_epochs,
@@ -251,19 +563,27 @@ def build_trainer(cfg: Config, run_dir: Path | None, callbacks: list[Callback]) 
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         default_root_dir=str(run_dir) if run_dir else None,
-        plugins=[SafeCheckpointIO()],
+        plugins=[RunCheckpointIO()],
         num_sanity_val_steps=0,
     )
 
 
 def _callbacks(
-    cfg: Config, run_dir: Path | None
+    cfg: Config, run: RunDir, stop: StopSignals | None = None
 ) -> tuple[list[Callback], ModelCheckpoint | None, EarlyStopping | None]:
+    run_dir = run.path
     ckpt_dir = run_dir / "checkpoints" if run_dir else None
+    record = run.record
     callbacks: list[Callback] = [
         RNGState(),
+        ResumeLoaderState(),
         DivergenceGuard(cfg.trainer.log_every_n_steps, cfg.checkpoint.every_n_steps),
-        LastCheckpoint(ckpt_dir if cfg.checkpoint.enabled else None, cfg.checkpoint.every_n_steps),
+        LastCheckpoint(
+            ckpt_dir if cfg.checkpoint.enabled else None,
+            cfg.checkpoint.every_n_steps,
+            stop,
+            on_save=None if record is None else lambda trainer: record.write("running", trainer=trainer),
+        ),
     ]
     if cfg.trainer.progress_bar:  # shows the loss without Lightning's per-step prog_bar .item()
         callbacks.append(LossProgressBar())
@@ -301,19 +621,36 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def write_metrics(run_dir: Path, payload: dict[str, Any]) -> None:
-    tmp = run_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, run_dir / "metrics.json")
+    write_json_atomic(run_dir / "metrics.json", payload)
 
 
 # model keys that do not change the parameters, so a resumed run may change them
 _FREE_ON_RESUME = {"checkpointing", "channels_last", "dropout", "init", "init_std", "init_gain"}
 
 
-def resolve_resume(cfg: Config, resume: str | None) -> tuple[Path | None, Path | None]:
-    """(checkpoint to resume from, run directory to continue in) for `--resume last|PATH`."""
+def _own_run_dir(cfg: Config, path: Path) -> Path | None:
+    """The run directory `path` belongs to if it is a run of this config: a checkpoint under
+    `<output_dir>/<name>/version_<n>/checkpoints/` for the config's own output_dir and name."""
+    ckpt_dir = path.absolute().parent
+    run_dir = ckpt_dir.parent
+    runs = (Path(cfg.output_dir) / cfg.name).absolute()
+    if ckpt_dir.name != "checkpoints" or not run_dir.name.startswith("version_"):
+        return None
+    if os.path.realpath(run_dir.parent) != os.path.realpath(runs) or not (run_dir / "config.yaml").is_file():
+        return None
+    return run_dir
+
+
+def resolve_resume(cfg: Config, resume: str | None) -> Resume:
+    """What `--resume last|PATH` continues from, and where.
+
+    A checkpoint of this run (`last`, or a PATH under `<output_dir>/<name>/version_<n>/checkpoints/`
+    of the config being run) continues in its run directory; any other checkpoint (another name or
+    output_dir, a loose file) starts a new run directory that records it as `resumed_from`, and the
+    other run is left as it is.
+    """
     if resume is None:
-        return None, None
+        return Resume()
     path = find_last_checkpoint(cfg.output_dir, cfg.name) if resume == "last" else Path(resume)
     ckpt = load_checkpoint(path)  # fail now, with the file named, not deep inside Lightning
     # Weights only fit the architecture they were trained with: say which key differs, not a state_dict dump.
@@ -326,10 +663,8 @@ def resolve_resume(cfg: Config, resume: str | None) -> tuple[Path | None, Path |
                     f"--resume {path}: the checkpoint has model.{key}={saved[key]!r}, the config model.{key}="
                     f"{current[key]!r}; resume with the run's own config ({path.parent.parent / 'config.yaml'})"
                 )
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    if run_dir is not None and not (run_dir / "config.yaml").is_file():
-        run_dir = None
-    return path, run_dir
+    step = ckpt.get("global_step", 0)
+    return Resume(path, step if isinstance(step, int) else 0, _own_run_dir(cfg, path))
 
 
 def tune_learning_rate(cfg: Config, model: torch.nn.Module, run_dir: Path | None) -> Config:
@@ -365,72 +700,85 @@ def apply_threads(threads: int | str) -> int:
 def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Fit, test the best checkpoint, and write the run directory; returns how the run ended.
 
-    `callbacks` join the run's own (a sweep's pruner, for one).
+    `callbacks` join the run's own (a sweep's pruner, for one). Nothing is written until the
+    config, data and model are known to be good; metrics.json is written however the run ends.
     """
     check_runtime(cfg)  # devices, strategy and precision this machine can run: one error line, nothing written
-    start = time.perf_counter()
     apply_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    ckpt_path, run_dir = resolve_resume(cfg, resume)
-    rank_zero = _is_rank_zero()
-    if cfg.trainer.fast_dev_run:
-        run_dir = None
-    elif not rank_zero:  # a DDP rank launched by rank 0, which made the directory
-        run_dir = Path(os.environ[RUN_DIR_ENV]) if RUN_DIR_ENV in os.environ else None
-    elif run_dir is None:
-        run_dir = make_run_dir(cfg.output_dir, cfg.name)
-    if run_dir is not None and rank_zero:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the processes Lightning's DDP launcher starts
+    with StopSignals() as stop:
+        try:
+            origin = resolve_resume(cfg, resume)
+            if not cfg.trainer.fast_dev_run and origin.run_dir is None:
+                check_writable(cfg.output_dir)  # fail before reading data; the directory comes later
+            data = InMemoryDataModule(cfg.data, cfg.seed)
+            data.setup("fit")  # read files now: missing or corrupt data fails before a model is built
+            model = build_model(cfg.model, data.input_shape, data.num_classes)
+            if cfg.trainer.compile:
+                model.compile()  # in place: state_dict keys stay those of the plain model
+        except Interrupted as e:  # nothing was written yet
+            return RunResult(None, "interrupted", error=str(e), signum=e.signum)
+        with open_run_dir(cfg, origin, stop) as run:
+            stop.check(None)  # a signal while the directory was made
+            tune = cfg.trainer.lr_find or cfg.trainer.lr_probe
+            if tune and origin.path is None:  # a resumed optimizer keeps its lr
+                cfg = tune_learning_rate(cfg, model, run.path if _is_rank_zero() else None)
+            module = Classifier(model, cfg)
+            run_callbacks, ckpt, early = _callbacks(cfg, run, stop)
+            trainer = build_trainer(cfg, run.path, [*run_callbacks, *callbacks])
+            return _fit_and_test(cfg, run, trainer, module, data, origin.path, ckpt, early, stop)
 
-    data = InMemoryDataModule(cfg.data, cfg.seed)
-    data.setup("fit")  # read files now: missing or corrupt data fails before a model is built
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
-    if cfg.trainer.compile:
-        model.compile()  # in place: state_dict keys stay those of the plain model
-    if (cfg.trainer.lr_find or cfg.trainer.lr_probe) and ckpt_path is None:  # a resumed optimizer keeps its lr
-        cfg = tune_learning_rate(cfg, model, run_dir if rank_zero else None)
-    module = Classifier(model, cfg)
-    run_callbacks, ckpt, early = _callbacks(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, [*run_callbacks, *callbacks])
 
-    result = RunResult(run_dir, "completed", model=model)
+def _fit_and_test(
+    cfg: Config,
+    run: RunDir,
+    trainer: L.Trainer,
+    module: Classifier,
+    data: InMemoryDataModule,
+    ckpt_path: Path | None,
+    ckpt: ModelCheckpoint | None,
+    early: EarlyStopping | None,
+    stop: StopSignals,
+) -> RunResult:
+    result = RunResult(run.path, "completed", model=module.model)
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
-        if early is not None and early.stopped_epoch > 0:
-            result.status = "early_stopped"
-    except Diverged as e:
-        result.status, result.error = "diverged", str(e)
-    except Interrupted as e:
-        result.status, result.error, result.signum = "interrupted", str(e), e.signum
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+            if early is not None and early.stopped_epoch > 0:
+                result.status = "early_stopped"
+            result.metrics = _scalar_metrics(trainer.callback_metrics)
+            stop.check(trainer.global_step)  # arrived after the last check in fit
+            best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+            if result.ok and cfg.trainer.test:
+                use_best = best is not None and cfg.early_stopping.restore_best
+                trainer.test(
+                    module, datamodule=data, ckpt_path=best if use_best else None, verbose=False, weights_only=True
+                )
+                tested = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+                result.metrics.update(_scalar_metrics(tested))
+                stop.check(trainer.global_step)
+        except Diverged as e:
+            result.status, result.error = "diverged", str(e)
+        except (Interrupted, SIGTERMException) as e:  # SIGTERMException: Lightning's notifier got it first
+            signum = getattr(e, "signum", None) or stop.signum or signal.SIGTERM
+            result.status, result.signum = "interrupted", signum
+            result.error = str(Interrupted(signum, trainer.global_step))
+        if not result.metrics:
+            result.metrics = _scalar_metrics(
+                {k: v for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
+            )
+    except UserError as e:  # a full disk, a bad file found mid-run: one line from the CLI, the record kept
+        result.status, result.error = "failed", str(e)
+        raise
+    except OSError as e:
+        result.status, result.error = "failed", f"{type(e).__name__}: {e}"
+        if e.errno in FULL:
+            raise UserError(f"cannot write into {run.path}: {e.strerror}") from None
+        raise
     except BaseException as e:  # a bug or an unexpected failure: still leave metrics.json behind
         result.status, result.error = "failed", f"{type(e).__name__}: {e}"
         raise
     finally:
-        if rank_zero:
-            os.environ.pop(RUN_DIR_ENV, None)
-        result.metrics = _scalar_metrics(trainer.callback_metrics)
-        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
-        if result.ok and cfg.trainer.test:
-            use_best = best is not None and cfg.early_stopping.restore_best
-            trainer.test(
-                module, datamodule=data, ckpt_path=best if use_best else None, verbose=False, weights_only=True
-            )
-            tested = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-            result.metrics.update(_scalar_metrics(tested))
-        if run_dir is not None and trainer.is_global_zero:
-            write_metrics(
-                run_dir,
-                {
-                    "status": result.status,
-                    "error": result.error,
-                    "metrics": result.metrics,
-                    "epochs": trainer.current_epoch,
-                    "steps": trainer.global_step,
-                    "wall_seconds": round(time.perf_counter() - start, 3),
-                    "best_checkpoint": best,
-                    "resumed_from": str(ckpt_path) if ckpt_path else None,
-                    "seed": cfg.seed,
-                },
-            )
+        if run.record is not None and trainer.is_global_zero:
+            run.record.write(result.status, result.error, result.metrics, trainer, ckpt)
     return result

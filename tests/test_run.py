@@ -39,7 +39,8 @@ def test_end_to_end_run_directory(tiny) -> None:
     for key in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"):
         assert 0 <= metrics["metrics"][key] < 10, key
     assert metrics["metrics"]["test/acc"] > 0.6  # well-separated synthetic clusters
-    best = Path(metrics["best_checkpoint"])
+    best = run / metrics["best_checkpoint"]  # relative to the run directory
+    assert not Path(metrics["best_checkpoint"]).is_absolute()
     assert best.parent == run / "checkpoints" and best.is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "test/acc"} <= scalars(run)
@@ -61,7 +62,7 @@ def test_step_scalars_are_each_logging_steps_loss(tiny, monkeypatch) -> None:
             seen[trainer.global_step - 1] = float(outputs["loss"])  # global_step already counts this step
 
     original = run._callbacks
-    monkeypatch.setattr(run, "_callbacks", lambda c, d: (lambda r: ([*r[0], Losses()], r[1], r[2]))(original(c, d)))
+    monkeypatch.setattr(run, "_callbacks", lambda *a: (lambda r: ([*r[0], Losses()], r[1], r[2]))(original(*a)))
     result = train(tiny("trainer.log_every_n_steps=3", "trainer.max_epochs=3"))
     acc = EventAccumulator(str(result.run_dir))
     acc.Reload()
@@ -73,7 +74,7 @@ def test_step_scalars_are_each_logging_steps_loss(tiny, monkeypatch) -> None:
 
 def test_test_metrics_come_from_the_best_checkpoint(tiny) -> None:
     result = train(tiny("trainer.max_epochs=3"))
-    ckpt = load_checkpoint(json.loads((result.run_dir / "metrics.json").read_text())["best_checkpoint"])
+    ckpt = load_checkpoint(result.run_dir / json.loads((result.run_dir / "metrics.json").read_text())["best_checkpoint"])
     assert ckpt["callbacks"]  # callback state travels with the checkpoint
     model_state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     from deepnets.data import load_splits
@@ -209,7 +210,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
     assert resumed["global_step"] == ref["global_step"]
     assert all(torch.equal(ref["state_dict"][k], resumed["state_dict"][k]) for k in ref["state_dict"])
     metrics = json.loads((last.parent.parent / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["resumed_from"] == str(last)
+    assert metrics["status"] == "completed" and metrics["resumed_from"] == "checkpoints/last.ckpt"
 
 
 def test_sigterm_checkpoints_and_is_resumable(tmp_path: Path) -> None:
