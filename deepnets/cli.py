@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import NoReturn
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from deepnets.config import load_config, to_yaml
+
+    for flag in ("resume", "export", "evaluate"):  # `--resume=~/x` reaches us unexpanded by the shell
+        value = getattr(args, flag)
+        if value and value != "last":
+            setattr(args, flag, os.path.expanduser(value))
 
     if args.export or args.evaluate:
         from deepnets.export import evaluate, export_run

@@ -481,6 +481,10 @@ def parse_yaml(text: str, source: str) -> Any:
     """
     try:
         data = yaml.load(text, Loader=_Loader)
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (NUL, most control characters)
+        line = text[: e.position].count("\n") + 1
+        where = source if source.startswith("override") else f"{source}:{line}"
+        raise UserError(f"{where}: invalid YAML: character #x{e.character:04x} is not allowed") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark and not source.startswith("override") else source
@@ -500,7 +504,7 @@ def parse_yaml(text: str, source: str) -> Any:
 def resolve_config_path(name_or_path: str) -> Path:
     """A path as given; otherwise configs/NAME or configs/NAME.yaml (cwd first, then the package's)."""
     try:
-        p = Path(name_or_path)
+        p = Path(os.path.expanduser(name_or_path))
         if p.is_file():
             return p
         for root in (Path("configs"), CONFIGS_DIR):

@@ -436,3 +436,32 @@ def test_readme_error_examples_are_true(capsys: pytest.CaptureFixture[str]) -> N
             continue  # needs the data files to be absent: tests/test_data.py
         assert main(command.split()) == 2
         assert capsys.readouterr().err.strip() == error
+
+
+def test_control_characters_and_home_in_config_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nseed: \x01\n")
+    with pytest.raises(UserError, match=r"c\.yaml:2: invalid YAML: character #x0001 is not allowed$"):
+        load_config(str(path))
+    with pytest.raises(UserError, match=r"^override name: invalid YAML: character #x0000 is not allowed$"):
+        load_config(None, ["name=a\0b"])
+    path.write_text("name: home\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config("~/c.yaml").name == "home"
+
+
+def test_cli_expands_home_in_path_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import deepnets.run
+    from deepnets.cli import main
+
+    seen: list[str | None] = []
+
+    def fake_train(cfg: Config, resume: str | None = None) -> deepnets.run.RunResult:
+        seen.append(resume)
+        return deepnets.run.RunResult(None, "completed")
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(deepnets.run, "train", fake_train)
+    assert main(["--config", "mlp", "--resume=~/x/last.ckpt"]) == 0
+    assert main(["--config", "mlp", "--resume", "last"]) == 0
+    assert seen == [f"{tmp_path}/x/last.ckpt", "last"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 import typing
 from pathlib import Path
@@ -154,8 +155,21 @@ def _override(draw: st.DrawFn) -> str:
     return f"{key}={value}"
 
 
+KEY_NAMES = {k for k, _ in KEYS} | {f.name for f in dataclasses.fields(Config)}
+
+
+def _names_a_culprit(msg: str, base: str | None) -> bool:
+    """The message starts with what to fix: a key path, an override, an unknown key or the config file."""
+    head = re.split(r"[:= ]", msg, maxsplit=1)[0]
+    return (
+        re.sub(r"\[\d+\]$", "", head) in KEY_NAMES
+        or msg.startswith(("override ", "unknown key ", "trainer.lr_find and trainer.lr_probe"))
+        or (base is not None and head.endswith(".yaml"))
+    )
+
+
 @settings(
-    max_examples=400,
+    max_examples=int(os.environ.get("DEEPNETS_FUZZ_EXAMPLES", "400")),  # more: DEEPNETS_FUZZ_EXAMPLES=5000
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -168,6 +182,7 @@ def test_fuzzed_overrides_raise_nothing_but_one_line_user_errors(base: str | Non
         msg = str(e)
         assert msg and "\n" not in msg and "\r" not in msg, repr(msg)
         assert len(msg) < 600, msg
+        assert _names_a_culprit(msg, base), msg
     else:
         for key, _ in KEYS:  # what loads is in range: every float finite
             value: Any = cfg
