@@ -5,6 +5,17 @@ Every key a user can set is a field below; its comment is its documentation
 `python -m deepnets.config --markdown`). Validation is strict: unknown keys,
 wrong types and out-of-range values are `UserError`s that name the full key
 path, the nearest valid key or the allowed values.
+
+- Files and override values are read as YAML 1.2 core (see `_Loader`);
+  duplicate keys, unknown tags and anything else the parser refuses are one
+  line naming file:line or the override.
+- `from_dict` checks each field (type, bounds, finiteness, `check=`) and then
+  the settings that span fields (`validate`: monitors against the logged
+  metrics, schedules that need a validation split or a run length).
+- `check_runtime` (called first by `deepnets.run.train`) checks the devices,
+  strategy and precision against this machine; it is the only part that
+  imports torch / Lightning, lazily.
+- `to_yaml` writes what `load_config` reads back equal.
 """
 
 from __future__ import annotations
