@@ -78,7 +78,10 @@ def _main(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     if cfg.sweep.params:
+        from deepnets.config import check_runtime
         from deepnets.sweep import run_sweep
+
+        check_runtime(cfg)  # before the sweep directory exists (train() checks each point again)
 
         return 0 if run_sweep(cfg) else EXIT_FAILED
 

@@ -289,8 +289,15 @@ CASES: list[tuple[str, str | bytes | None, list[str], str]] = [
         "trainer.precision=16-mixed: float16 mixed precision needs a GPU",
     ),
     ("device-ids-cpu", None, ["trainer.devices=[0]"], "trainer.devices=[0]: device ids need a GPU"),
+    (
+        "sweep-accelerator-gpu",  # refused before the sweep directory exists
+        None,
+        ["sweep.params={model.width: [4, 8]}", "trainer.accelerator=gpu"],
+        "error: trainer.accelerator=gpu: no CUDA device is visible",
+    ),
 ]
 RUNTIME = {"accelerator-gpu", "accelerator-cuda", "accelerator-mps", "fsdp-cpu", "fp16-cpu", "device-ids-cpu"}
+RUNTIME |= {"sweep-accelerator-gpu"}
 
 
 def _argv(tmp_path: Path, text: str | bytes | None, args: list[str]) -> list[str]:
