@@ -788,9 +788,11 @@ def _check_number(v: Any, meta: Mapping[str, Any], path: str) -> None:
 
 # ---------------------------------------------------------------- cross-field checks
 
-# The metrics a run logs, per task: monitors must name one of these. (Regression joins this table.)
-LOGGED_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("train/loss", "train/acc", "val/loss", "val/acc"),
+# The metrics a run logs, per task, each with the mode that means "better": a monitor must name one
+# of these, with that mode (checkpoint.mode's default max would keep the worst val/loss checkpoint).
+# (Regression joins this table.)
+LOGGED_METRICS: dict[str, dict[str, Literal["min", "max"]]] = {
+    "classification": {"train/loss": "min", "train/acc": "max", "val/loss": "min", "val/acc": "max"},
 }
 
 
@@ -811,7 +813,7 @@ def validation_off(cfg: Config) -> str | None:
     return None
 
 
-def _check_monitor(cfg: Config, key: str, metric: str) -> None:
+def _check_monitor(cfg: Config, key: str, metric: str, mode: str) -> None:
     logged = LOGGED_METRICS[task_of(cfg)]
     if metric not in logged:
         near = difflib.get_close_matches(metric, logged, n=1, cutoff=0.5)
@@ -821,6 +823,13 @@ def _check_monitor(cfg: Config, key: str, metric: str) -> None:
     if metric.startswith("val/") and off is not None:
         train = ", ".join(m for m in logged if m.startswith("train/"))
         raise UserError(f"{key}: {metric} needs a validation split, but {off} (allowed without one: {train})")
+    if mode != logged[metric]:
+        section = key.split(".")[0]
+        best = "lower" if logged[metric] == "min" else "higher"
+        raise UserError(
+            f"{section}.mode: {mode} with {key}={metric} would keep the worst value ({best} is better); "
+            f"set {section}.mode={logged[metric]}"
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -839,9 +848,9 @@ def validate(cfg: Config) -> None:
     if t.lr_find and t.lr_probe:
         raise UserError("trainer.lr_find and trainer.lr_probe both set: choose one")
     if cfg.early_stopping.enabled:
-        _check_monitor(cfg, "early_stopping.monitor", cfg.early_stopping.monitor)
+        _check_monitor(cfg, "early_stopping.monitor", cfg.early_stopping.monitor, cfg.early_stopping.mode)
     if cfg.checkpoint.enabled:
-        _check_monitor(cfg, "checkpoint.monitor", cfg.checkpoint.monitor)
+        _check_monitor(cfg, "checkpoint.monitor", cfg.checkpoint.monitor, cfg.checkpoint.mode)
 
 
 # ---------------------------------------------------------------- devices that exist

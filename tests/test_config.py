@@ -344,6 +344,16 @@ def test_values_are_checked_at_load(override: str, message: str) -> None:
             "scheduler.name: onecycle needs the length of the run; set trainer.max_epochs or trainer.max_steps",
         ),
         (["trainer.lr_find=true", "trainer.lr_probe=[0.1]"], "trainer.lr_find and trainer.lr_probe both set"),
+        (
+            ["checkpoint.monitor=val/loss"],  # checkpoint.mode's default is max: the worst checkpoint would be kept
+            "checkpoint.mode: max with checkpoint.monitor=val/loss would keep the worst value (lower is better); "
+            "set checkpoint.mode=min",
+        ),
+        (
+            ["early_stopping.enabled=true", "early_stopping.monitor=val/acc"],
+            "early_stopping.mode: min with early_stopping.monitor=val/acc would keep the worst value (higher is "
+            "better); set early_stopping.mode=max",
+        ),
     ],
 )
 def test_cross_field_checks(overrides: list[str], message: str) -> None:
