@@ -622,7 +622,7 @@ def _expand_path(value: str, path: str) -> str:
         raise UserError(f"{path}: {_show(value)} is not a path (empty or has a NUL character)")
     out = os.path.expanduser(value)
     if out.startswith("~"):
-        raise UserError(f"{path}: cannot expand {value.split('/')[0]} (no such user, or HOME is not set)")
+        raise UserError(f"{path}: cannot expand {_show(value.split('/')[0])} (no such user, or HOME is not set)")
     return out
 
 

@@ -85,6 +85,9 @@ GARBAGE = [
     "<<: {a: 1}",
     "a: b: c",
     '"\\ud800"',
+    '"a\\nb"',  # a newline inside a value: messages must stay one line
+    '"~x\\ny/z"',
+    '"\\x00"',
     "'unterminated",
     "\t",
     "- 1\n- 2",
@@ -265,7 +268,7 @@ CASES: list[tuple[str, str | bytes | None, list[str], str]] = [
     ("nested-override", None, ["name=" + "[" * 3000], "override name: invalid YAML: nested more than 64 levels"),
     ("name-dotdot", None, ["name=../../x"], "name: '../../x' is not a relative path inside output_dir"),
     ("name-absolute", None, ["name=/etc/x"], "name: '/etc/x' is not a relative path inside output_dir"),
-    ("home-unknown-user", None, ["output_dir=~nosuchuser_x/runs"], "output_dir: cannot expand ~nosuchuser_x"),
+    ("home-unknown-user", None, ["output_dir=~nosuchuser_x/runs"], "output_dir: cannot expand '~nosuchuser_x'"),
     ("arch-typo", None, ["model.arch=resnt"], "model.arch: expected one of mlp, skipnet, resmlp, densemlp, resnet"),
     ("lr-find-and-probe", None, ["trainer.lr_find=true", "trainer.lr_probe=[0.1]"], "trainer.lr_find and"),
     ("sweep-key-not-str", None, ["sweep.params={1: [2]}"], "sweep.params: expected dict[str, list[Any]]"),
