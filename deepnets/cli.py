@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import NoReturn
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     from deepnets.config import load_config, to_yaml
 
+    for flag in ("resume", "export", "evaluate"):  # `--resume=~/x` reaches us unexpanded by the shell
+        value = getattr(args, flag)
+        if value and value != "last":
+            setattr(args, flag, os.path.expanduser(value))
+
     if args.export or args.evaluate:
         from deepnets.export import evaluate, export_run
 
@@ -72,7 +78,10 @@ def _main(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     if cfg.sweep.params:
+        from deepnets.config import check_runtime
         from deepnets.sweep import run_sweep
+
+        check_runtime(cfg)  # before the sweep directory exists (train() checks each point again)
 
         return 0 if run_sweep(cfg) else EXIT_FAILED
 

@@ -5,6 +5,17 @@ Every key a user can set is a field below; its comment is its documentation
 `python -m deepnets.config --markdown`). Validation is strict: unknown keys,
 wrong types and out-of-range values are `UserError`s that name the full key
 path, the nearest valid key or the allowed values.
+
+- Files and override values are read as YAML 1.2 core (see `_Loader`);
+  duplicate keys, unknown tags and anything else the parser refuses are one
+  line naming file:line or the override.
+- `from_dict` checks each field (type, bounds, finiteness, `check=`) and then
+  the settings that span fields (`validate`: monitors against the logged
+  metrics, schedules that need a validation split or a run length).
+- `check_runtime` (called first by `deepnets.run.train`) checks the devices,
+  strategy and precision against this machine; it is the only part that
+  imports torch / Lightning, lazily.
+- `to_yaml` writes what `load_config` reads back equal.
 """
 
 from __future__ import annotations
@@ -481,6 +492,10 @@ def parse_yaml(text: str, source: str) -> Any:
     """
     try:
         data = yaml.load(text, Loader=_Loader)
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (NUL, most control characters)
+        line = text[: e.position].count("\n") + 1
+        where = source if source.startswith("override") else f"{source}:{line}"
+        raise UserError(f"{where}: invalid YAML: character #x{e.character:04x} is not allowed") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark and not source.startswith("override") else source
@@ -500,7 +515,7 @@ def parse_yaml(text: str, source: str) -> Any:
 def resolve_config_path(name_or_path: str) -> Path:
     """A path as given; otherwise configs/NAME or configs/NAME.yaml (cwd first, then the package's)."""
     try:
-        p = Path(name_or_path)
+        p = Path(os.path.expanduser(name_or_path))
         if p.is_file():
             return p
         for root in (Path("configs"), CONFIGS_DIR):
@@ -607,7 +622,7 @@ def _expand_path(value: str, path: str) -> str:
         raise UserError(f"{path}: {_show(value)} is not a path (empty or has a NUL character)")
     out = os.path.expanduser(value)
     if out.startswith("~"):
-        raise UserError(f"{path}: cannot expand {value.split('/')[0]} (no such user, or HOME is not set)")
+        raise UserError(f"{path}: cannot expand {_show(value.split('/')[0])} (no such user, or HOME is not set)")
     return out
 
 
@@ -773,9 +788,11 @@ def _check_number(v: Any, meta: Mapping[str, Any], path: str) -> None:
 
 # ---------------------------------------------------------------- cross-field checks
 
-# The metrics a run logs, per task: monitors must name one of these. (Regression joins this table.)
-LOGGED_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("train/loss", "train/acc", "val/loss", "val/acc"),
+# The metrics a run logs, per task, each with the mode that means "better": a monitor must name one
+# of these, with that mode (checkpoint.mode's default max would keep the worst val/loss checkpoint).
+# (Regression joins this table.)
+LOGGED_METRICS: dict[str, dict[str, Literal["min", "max"]]] = {
+    "classification": {"train/loss": "min", "train/acc": "max", "val/loss": "min", "val/acc": "max"},
 }
 
 
@@ -796,7 +813,7 @@ def validation_off(cfg: Config) -> str | None:
     return None
 
 
-def _check_monitor(cfg: Config, key: str, metric: str) -> None:
+def _check_monitor(cfg: Config, key: str, metric: str, mode: str) -> None:
     logged = LOGGED_METRICS[task_of(cfg)]
     if metric not in logged:
         near = difflib.get_close_matches(metric, logged, n=1, cutoff=0.5)
@@ -806,6 +823,13 @@ def _check_monitor(cfg: Config, key: str, metric: str) -> None:
     if metric.startswith("val/") and off is not None:
         train = ", ".join(m for m in logged if m.startswith("train/"))
         raise UserError(f"{key}: {metric} needs a validation split, but {off} (allowed without one: {train})")
+    if mode != logged[metric]:
+        section = key.split(".")[0]
+        best = "lower" if logged[metric] == "min" else "higher"
+        raise UserError(
+            f"{section}.mode: {mode} with {key}={metric} would keep the worst value ({best} is better); "
+            f"set {section}.mode={logged[metric]}"
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -824,9 +848,9 @@ def validate(cfg: Config) -> None:
     if t.lr_find and t.lr_probe:
         raise UserError("trainer.lr_find and trainer.lr_probe both set: choose one")
     if cfg.early_stopping.enabled:
-        _check_monitor(cfg, "early_stopping.monitor", cfg.early_stopping.monitor)
+        _check_monitor(cfg, "early_stopping.monitor", cfg.early_stopping.monitor, cfg.early_stopping.mode)
     if cfg.checkpoint.enabled:
-        _check_monitor(cfg, "checkpoint.monitor", cfg.checkpoint.monitor)
+        _check_monitor(cfg, "checkpoint.monitor", cfg.checkpoint.monitor, cfg.checkpoint.mode)
 
 
 # ---------------------------------------------------------------- devices that exist

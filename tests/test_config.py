@@ -286,7 +286,8 @@ def test_non_utf8_and_huge_files_are_named(tmp_path: Path) -> None:
         ('name="a\\nb"', "name: 'a\\nb' is not a relative path"),
         ("name=" + "x" * 256, "is longer than 255 bytes"),
         ("output_dir=''", "output_dir: '' is not a path"),
-        ("output_dir=~no_such_user_x/runs", "output_dir: cannot expand ~no_such_user_x (no such user"),
+        ('output_dir="~a\\nb/x"', "output_dir: cannot expand '~a\\nb'"),
+        ("output_dir=~no_such_user_x/runs", "output_dir: cannot expand '~no_such_user_x' (no such user"),
         ("sweep.params={1: [2]}", "sweep.params: expected dict[str, list[Any]], got {1: [2]}"),
         ("model..depth=2", "override 'model..depth=2' must look like dotted.key=value"),
         ("model.depth=[[[", "override model.depth: invalid YAML:"),
@@ -344,6 +345,16 @@ def test_values_are_checked_at_load(override: str, message: str) -> None:
             "scheduler.name: onecycle needs the length of the run; set trainer.max_epochs or trainer.max_steps",
         ),
         (["trainer.lr_find=true", "trainer.lr_probe=[0.1]"], "trainer.lr_find and trainer.lr_probe both set"),
+        (
+            ["checkpoint.monitor=val/loss"],  # checkpoint.mode's default is max: the worst checkpoint would be kept
+            "checkpoint.mode: max with checkpoint.monitor=val/loss would keep the worst value (lower is better); "
+            "set checkpoint.mode=min",
+        ),
+        (
+            ["early_stopping.enabled=true", "early_stopping.monitor=val/acc"],
+            "early_stopping.mode: min with early_stopping.monitor=val/acc would keep the worst value (higher is "
+            "better); set early_stopping.mode=max",
+        ),
     ],
 )
 def test_cross_field_checks(overrides: list[str], message: str) -> None:
@@ -436,3 +447,32 @@ def test_readme_error_examples_are_true(capsys: pytest.CaptureFixture[str]) -> N
             continue  # needs the data files to be absent: tests/test_data.py
         assert main(command.split()) == 2
         assert capsys.readouterr().err.strip() == error
+
+
+def test_control_characters_and_home_in_config_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nseed: \x01\n")
+    with pytest.raises(UserError, match=r"c\.yaml:2: invalid YAML: character #x0001 is not allowed$"):
+        load_config(str(path))
+    with pytest.raises(UserError, match=r"^override name: invalid YAML: character #x0000 is not allowed$"):
+        load_config(None, ["name=a\0b"])
+    path.write_text("name: home\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config("~/c.yaml").name == "home"
+
+
+def test_cli_expands_home_in_path_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import deepnets.run
+    from deepnets.cli import main
+
+    seen: list[str | None] = []
+
+    def fake_train(cfg: Config, resume: str | None = None) -> deepnets.run.RunResult:
+        seen.append(resume)
+        return deepnets.run.RunResult(None, "completed")
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(deepnets.run, "train", fake_train)
+    assert main(["--config", "mlp", "--resume=~/x/last.ckpt"]) == 0
+    assert main(["--config", "mlp", "--resume", "last"]) == 0
+    assert seen == [f"{tmp_path}/x/last.ckpt", "last"]

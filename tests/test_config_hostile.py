@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 import typing
 from pathlib import Path
@@ -84,6 +85,9 @@ GARBAGE = [
     "<<: {a: 1}",
     "a: b: c",
     '"\\ud800"',
+    '"a\\nb"',  # a newline inside a value: messages must stay one line
+    '"~x\\ny/z"',
+    '"\\x00"',
     "'unterminated",
     "\t",
     "- 1\n- 2",
@@ -154,8 +158,21 @@ def _override(draw: st.DrawFn) -> str:
     return f"{key}={value}"
 
 
+KEY_NAMES = {k for k, _ in KEYS} | {f.name for f in dataclasses.fields(Config)}
+
+
+def _names_a_culprit(msg: str, base: str | None) -> bool:
+    """The message starts with what to fix: a key path, an override, an unknown key or the config file."""
+    head = re.split(r"[:= ]", msg, maxsplit=1)[0]
+    return (
+        re.sub(r"\[\d+\]$", "", head) in KEY_NAMES
+        or msg.startswith(("override ", "unknown key ", "trainer.lr_find and trainer.lr_probe"))
+        or (base is not None and head.endswith(".yaml"))
+    )
+
+
 @settings(
-    max_examples=400,
+    max_examples=int(os.environ.get("DEEPNETS_FUZZ_EXAMPLES", "400")),  # more: DEEPNETS_FUZZ_EXAMPLES=5000
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -168,6 +185,7 @@ def test_fuzzed_overrides_raise_nothing_but_one_line_user_errors(base: str | Non
         msg = str(e)
         assert msg and "\n" not in msg and "\r" not in msg, repr(msg)
         assert len(msg) < 600, msg
+        assert _names_a_culprit(msg, base), msg
     else:
         for key, _ in KEYS:  # what loads is in range: every float finite
             value: Any = cfg
@@ -250,7 +268,7 @@ CASES: list[tuple[str, str | bytes | None, list[str], str]] = [
     ("nested-override", None, ["name=" + "[" * 3000], "override name: invalid YAML: nested more than 64 levels"),
     ("name-dotdot", None, ["name=../../x"], "name: '../../x' is not a relative path inside output_dir"),
     ("name-absolute", None, ["name=/etc/x"], "name: '/etc/x' is not a relative path inside output_dir"),
-    ("home-unknown-user", None, ["output_dir=~nosuchuser_x/runs"], "output_dir: cannot expand ~nosuchuser_x"),
+    ("home-unknown-user", None, ["output_dir=~nosuchuser_x/runs"], "output_dir: cannot expand '~nosuchuser_x'"),
     ("arch-typo", None, ["model.arch=resnt"], "model.arch: expected one of mlp, skipnet, resmlp, densemlp, resnet"),
     ("lr-find-and-probe", None, ["trainer.lr_find=true", "trainer.lr_probe=[0.1]"], "trainer.lr_find and"),
     ("sweep-key-not-str", None, ["sweep.params={1: [2]}"], "sweep.params: expected dict[str, list[Any]]"),
@@ -274,8 +292,15 @@ CASES: list[tuple[str, str | bytes | None, list[str], str]] = [
         "trainer.precision=16-mixed: float16 mixed precision needs a GPU",
     ),
     ("device-ids-cpu", None, ["trainer.devices=[0]"], "trainer.devices=[0]: device ids need a GPU"),
+    (
+        "sweep-accelerator-gpu",  # refused before the sweep directory exists
+        None,
+        ["sweep.params={model.width: [4, 8]}", "trainer.accelerator=gpu"],
+        "error: trainer.accelerator=gpu: no CUDA device is visible",
+    ),
 ]
 RUNTIME = {"accelerator-gpu", "accelerator-cuda", "accelerator-mps", "fsdp-cpu", "fp16-cpu", "device-ids-cpu"}
+RUNTIME |= {"sweep-accelerator-gpu"}
 
 
 def _argv(tmp_path: Path, text: str | bytes | None, args: list[str]) -> list[str]:
