@@ -29,10 +29,11 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from deepnets.checkpoint import RNGState, SafeCheckpointIO, load_checkpoint
+from deepnets.checkpoint import RNGState, SafeCheckpointIO, check_resumable, load_checkpoint
 from deepnets.config import Config, to_yaml
 from deepnets.data import InMemoryDataModule
 from deepnets.errors import UserError
+from deepnets.memory import check_fits, meta_model_for
 from deepnets.models import build_model
 from deepnets.module import Classifier, LossProgressBar
 from deepnets.monitor import GradientFlowMonitor
@@ -326,6 +327,7 @@ def resolve_resume(cfg: Config, resume: str | None) -> tuple[Path | None, Path |
                     f"--resume {path}: the checkpoint has model.{key}={saved[key]!r}, the config model.{key}="
                     f"{current[key]!r}; resume with the run's own config ({path.parent.parent / 'config.yaml'})"
                 )
+    check_resumable(ckpt, meta_model_for(cfg), path)  # shapes (other data?) and optimizer state, in one line
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
     if run_dir is not None and not (run_dir / "config.yaml").is_file():
         run_dir = None
@@ -370,6 +372,7 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
     start = time.perf_counter()
     apply_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_fits(cfg)  # a model that cannot fit fails now, from a meta-device estimate
     ckpt_path, run_dir = resolve_resume(cfg, resume)
     rank_zero = _is_rank_zero()
     if cfg.trainer.fast_dev_run:
