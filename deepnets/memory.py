@@ -176,7 +176,12 @@ def check_fits(cfg: Config) -> None:
     free = available_bytes(device) if device is not None else None
     if free is None:
         return
-    n_params, activations = estimate(cfg, *input_spec(cfg))
+    try:
+        n_params, activations = estimate(cfg, *input_spec(cfg))
+    except UserError:  # a bad model config: the same line the real build would give, only sooner
+        raise
+    except Exception:  # an op without a meta kernel (a user's own module, say): no estimate, no check
+        return
     need = run_bytes(cfg, n_params, activations)
     if device.type == "cpu" and isinstance(cfg.trainer.devices, int) and cfg.trainer.devices > 1:
         need *= cfg.trainer.devices  # CPU DDP: one process, with its own copy, per device
