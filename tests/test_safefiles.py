@@ -657,3 +657,26 @@ def test_batch_of_one_with_batch_norm_trains_and_says_so(tmp_path: Path, capsys)
     assert not [x for x in err.splitlines() if x.startswith("error:")]
     (run,) = (tmp_path / "runs" / "mlp").iterdir()
     assert json.loads((run / "metrics.json").read_text())["steps"] == 3
+
+
+def test_download_goes_through_torchvision_with_its_md5_then_reads_as_data(tmp_path: Path, monkeypatch) -> None:
+    import torchvision.datasets.utils as tv_utils
+    from torchvision.datasets import CIFAR10
+
+    calls: list[tuple] = []
+
+    def fake_download(url, download_root, extract_root=None, filename=None, md5=None, remove_finished=False):
+        calls.append((url, download_root, filename, md5))
+        write_cifar(Path(download_root))
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
+    s = load_splits(cfg_for(tmp_path, "cifar10", "data.download=true"), seed=0)
+    assert calls == [(CIFAR10.url, str(tmp_path), CIFAR10.filename, CIFAR10.tgz_md5)]  # once: the test split is there
+    assert s.x_test.shape == (10, 3, 32, 32)
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    with pytest.raises(UserError, match=rf"^downloading cifar10 into data.root={tmp_path / 'x'} failed: <urlopen"):
+        load_splits(cfg_for(tmp_path / "x", "cifar10", "data.download=true"), seed=0)
