@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import pickle
+import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +67,10 @@ class TensorBatches:
         rank: int = 0,
         world_size: int = 1,
         augment: bool = False,
+        drop_last: bool = False,
     ) -> None:
         self.x, self.y = x, y  # (N, ...), (N,)
+        self.drop_last = drop_last  # leave out a last, smaller batch (BatchNorm cannot train on one sample)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -79,6 +84,8 @@ class TensorBatches:
         self._shard_len = n // world_size if shuffle and world_size > 1 else math.ceil(n / world_size)
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return self._shard_len // self.batch_size
         return math.ceil(self._shard_len / self.batch_size)
 
     def indices(self, epoch: int) -> Tensor:
@@ -173,34 +180,201 @@ def _load_digits() -> tuple[Tensor, Tensor]:
     return x, torch.tensor(d.target, dtype=torch.int64)
 
 
-def _load_torchvision(cfg: DataConfig, train: bool) -> tuple[Tensor, Tensor]:
-    from torchvision import datasets
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR10_TEST = ["test_batch"]
+IDX_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # torchvision's layout: <root>/<folder>/raw/
 
+
+def _data_folder(cfg: DataConfig) -> Path:
     if cfg.name == "cifar10":
-        cls, folder = _cifar10_class(), Path(cfg.root) / "cifar-10-batches-py"
-    else:
-        cls = datasets.MNIST if cfg.name == "mnist" else datasets.FashionMNIST
-        folder = Path(cfg.root) / cls.__name__ / "raw"
-    try:
-        ds = cls(root=cfg.root, train=train, download=cfg.download)
-    except RuntimeError as e:
-        if "not found" not in str(e):
-            raise UserError(f"{_culprit(cfg.name, folder, train)}: corrupt or truncated: {_first_line(e)}") from None
+        return Path(cfg.root) / CIFAR10_FOLDER
+    return Path(cfg.root) / IDX_FOLDERS[cfg.name] / "raw"
+
+
+def _file_names(name: str, train: bool) -> list[str]:
+    if name == "cifar10":
+        return CIFAR10_TRAIN if train else CIFAR10_TEST
+    prefix = "train" if train else "t10k"
+    return [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+
+
+def _load_files(cfg: DataConfig, train: bool) -> tuple[Tensor, Tensor]:
+    """The train or test split of mnist / fashion_mnist / cifar10 from torchvision's file layout under data.root.
+
+    torchvision only downloads (its archives are MD5-checked); the files are read here, as data: the IDX
+    files by their header, the CIFAR-10 pickles by `SafeCifarUnpickler`, which builds nothing but arrays,
+    dicts, lists, strings and numbers. (torchvision's readers would unpickle code, or accept labels and
+    image sizes the model cannot take.)
+    """
+    folder = _data_folder(cfg)
+    files = [folder / f for f in _file_names(cfg.name, train)]
+    if not all(f.is_file() for f in files) and cfg.download:
+        _download(cfg)
+    if not all(f.is_file() for f in files):
         raise UserError(
             f"{cfg.name} files not found under data.root={cfg.root} (expected {_expected_files(cfg.name, folder)}); "
             "set data.download=true or copy the files there"
+        )
+    if cfg.name == "cifar10":
+        parts = [read_cifar_batch(f) for f in files]
+        data = torch.cat([p[0] for p in parts])  # (N, 3, 32, 32) uint8
+        y = torch.cat([p[1] for p in parts])
+    else:
+        data, y = read_idx_pair(files[0], files[1])  # (N, 1, 28, 28) uint8, (N,)
+    return data.contiguous().float().div_(255.0), y
+
+
+def _download(cfg: DataConfig) -> None:
+    """Fetch the files with torchvision (it checks the archives' MD5 sums); reading them is ours."""
+    from torchvision import datasets
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        if cfg.name == "cifar10":
+            c = datasets.CIFAR10
+            download_and_extract_archive(c.url, cfg.root, filename=c.filename, md5=c.tgz_md5)
+        else:  # MNIST's download() fetches and checks the four .gz files of every mirror in turn
+            cls = datasets.MNIST if cfg.name == "mnist" else datasets.FashionMNIST
+            cls(root=cfg.root, train=True, download=True)
+    except Exception as e:  # URLError, OSError, RuntimeError("File not found or corrupted"), ...
+        raise UserError(f"downloading {cfg.name} into data.root={cfg.root} failed: {_first_line(e)}") from None
+
+
+# -- IDX (MNIST, Fashion-MNIST): http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT"
+
+IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "short", 0x0C: "int", 0x0D: "float", 0x0E: "double"}
+MNIST_IMAGE = (28, 28)
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes with `ndim` dimensions, checked against its header. uint8 array."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {_first_line(e)}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise UserError(f"{path}: corrupt or truncated: not an IDX file (it does not start with two zero bytes)")
+    code, nd = raw[2], raw[3]
+    if code != 0x08:
+        kind = IDX_TYPES.get(code, "unknown")
+        raise UserError(f"{path}: IDX type code 0x{code:02X} ({kind}); MNIST-format files hold unsigned bytes (0x08)")
+    if nd != ndim:
+        raise UserError(f"{path}: an IDX file of {nd} dimensions, expected {ndim}")
+    start = 4 + 4 * nd
+    if len(raw) < start:
+        raise UserError(f"{path}: corrupt or truncated: the header ends after {len(raw)} bytes")
+    dims = struct.unpack(f">{nd}I", raw[4:start])
+    size = math.prod(dims)
+    if len(raw) - start != size:
+        shape = "x".join(map(str, dims))
+        raise UserError(
+            f"{path}: corrupt or truncated: the header says {shape} = {size} bytes, the file holds {len(raw) - start}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, count=size, offset=start).reshape(dims)
+
+
+def read_idx_pair(images_path: Path, labels_path: Path, num_classes: int = 10) -> tuple[Tensor, Tensor]:
+    """Images (N, 1, 28, 28) uint8 and labels (N,) int64 from an MNIST-format pair, every mismatch named."""
+    images = read_idx(images_path, 3)
+    if images.shape[1:] != MNIST_IMAGE:
+        h, w = images.shape[1:]
+        raise UserError(f"{images_path}: images are {h}x{w}, MNIST-format images are 28x28")
+    labels = read_idx(labels_path, 1)
+    bad = np.flatnonzero(labels >= num_classes)
+    if len(bad):
+        i = int(bad[0])
+        raise UserError(f"{labels_path}: label {int(labels[i])} at index {i} is outside 0..{num_classes - 1}")
+    if len(images) != len(labels):
+        raise UserError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+# -- CIFAR-10's python batches: pickles of {"data": (N, 3072) uint8, "labels": [int] * N, ...}
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode` as protocol-2 pickles use it for bytes, limited to that use."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
+        raise _Refused(f"_codecs.encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    """The few callables a CIFAR-format pickle names: numpy's array and scalar reconstruction.
+
+    Taken from numpy's own `__reduce__`s rather than imported by the names the file gives, under both
+    spellings of numpy's module (`numpy.core` until numpy 2, `numpy._core` since).
+    """
+    reconstruct = np.zeros(1).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    scalar = np.int64(0).__reduce__()[0]
+    table: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+    for core in ("numpy.core", "numpy._core"):
+        table[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        table[(f"{core}.multiarray", "scalar")] = scalar
+        table[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return table
+
+
+class SafeCifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds arrays, dicts, lists, tuples, strings, bytes and numbers, and nothing else.
+
+    A pickle runs code only through the callables it names (GLOBAL / STACK_GLOBAL / INST / EXT opcodes, all of
+    which go through `find_class`) or persistent ids: names outside `_cifar_globals()` and every persistent id
+    are refused before anything is called (the "Restricting Globals" recipe of the `pickle` docs).
+    """
+
+    _globals = _cifar_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return self._globals[(module, name)]
+        except KeyError:
+            raise _Refused(f"{module}.{name}") from None
+
+    def persistent_load(self, pid: object) -> object:
+        raise _Refused("a persistent id")
+
+
+def read_cifar_batch(path: Path, num_classes: int = 10) -> tuple[Tensor, Tensor]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 of one CIFAR-10 batch file, read as data only."""
+    try:
+        with open(path, "rb") as f:
+            entry = SafeCifarUnpickler(f, encoding="latin1").load()  # latin1: the batches are Python 2 pickles
+    except _Refused as e:
+        raise UserError(
+            f"{path}: refused: the pickle calls {e}, which is code, not CIFAR-10 data (nothing was run)"
         ) from None
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError, AssertionError, IndexError) as e:
-        if cfg.download and isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            raise UserError(f"downloading {cfg.name} into data.root={cfg.root} failed: {_first_line(e)}") from None
-        raise UserError(f"{_culprit(cfg.name, folder, train)}: corrupt or truncated: {_first_line(e)}") from None
-    data = ds.data if isinstance(ds.data, Tensor) else torch.from_numpy(np.asarray(ds.data))
-    # grey images come as (N, H, W), CIFAR as (N, H, W, C)
-    x = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
-    y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
-    if len(x) != len(y):
-        raise UserError(f"{_culprit(cfg.name, folder, train)}: {len(x)} images but {len(y)} labels")
-    return x.contiguous().float().div_(255.0), y
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {_first_line(e)}") from None
+    except Exception as e:  # UnpicklingError, EOFError, ValueError, ... of a damaged file
+        raise UserError(f"{path}: corrupt or truncated: {_first_line(e)}") from None
+    if not isinstance(entry, dict):
+        raise UserError(f"{path}: not a CIFAR-10 batch (a pickled {type(entry).__name__}, not a dict)")
+    data, labels = (entry.get(k, entry.get(k.encode())) for k in ("data", "labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise UserError(f"{path}: not a CIFAR-10 batch ('data' is {what}, expected uint8 N x 3072)")
+    y = np.asarray(labels) if isinstance(labels, list | np.ndarray) else None
+    if y is None or y.ndim != 1 or not (len(y) == 0 or np.issubdtype(y.dtype, np.integer)):
+        raise UserError(f"{path}: not a CIFAR-10 batch ('labels' is not a list of integers)")
+    if len(y) != len(data):
+        raise UserError(f"{path}: {len(data)} images but {len(y)} labels")
+    bad = np.flatnonzero((y < 0) | (y >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise UserError(f"{path}: label {int(y[i])} at index {i} is outside 0..{num_classes - 1}")
+    images = torch.from_numpy(np.ascontiguousarray(data)).view(-1, 3, 32, 32)  # CHW, as the format stores it
+    return images, torch.from_numpy(y.astype(np.int64))
 
 
 def _first_line(e: BaseException) -> str:
@@ -209,60 +383,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def _expected_files(name: str, folder: Path) -> str:
-    if name == "cifar10":
-        names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    else:
-        names = [f"{s}-{kind}-ubyte" for s in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+    names = [*CIFAR10_TRAIN, *CIFAR10_TEST] if name == "cifar10" else _file_names(name, True) + _file_names(name, False)
     return f"{folder}/ with {', '.join(names)}"
-
-
-def _culprit(name: str, folder: Path, train: bool) -> str:
-    """The file that failed to decode, found by reading each one alone."""
-    if name == "cifar10":
-        base = folder
-        files = [base / f"data_batch_{i}" for i in range(1, 6)] if train else [base / "test_batch"]
-        for f in files:
-            try:
-                with open(f, "rb") as fh:
-                    entry = pickle.load(fh, encoding="latin1")
-                np.asarray(entry["data"]).reshape(-1, 3, 32, 32)
-            except Exception:
-                return str(f)
-        return str(base)
-    from torchvision.datasets.mnist import read_image_file, read_label_file
-
-    prefix = "train" if train else "t10k"
-    for fname, reader in (
-        (f"{prefix}-images-idx3-ubyte", read_image_file),
-        (f"{prefix}-labels-idx1-ubyte", read_label_file),
-    ):
-        f = folder / fname
-        try:
-            reader(str(f))
-        except Exception:
-            return str(f)
-    return str(folder)
-
-
-def _cifar10_class() -> type:
-    from torchvision.datasets import CIFAR10
-
-    class CIFAR10Files(CIFAR10):
-        """CIFAR10 that checks the batch files exist instead of their MD5 sums.
-
-        Hashing 170 MB on every start is slow, and a corrupt file still fails
-        when it is unpickled, where we name it.
-        """
-
-        def _check_integrity(self) -> bool:
-            base = Path(self.root) / self.base_folder
-            return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
-
-        def _load_meta(self) -> None:
-            self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
-    return CIFAR10Files
 
 
 def _synthetic(cfg: DataConfig) -> tuple[Tensor, Tensor]:
@@ -301,8 +423,8 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         x_test, y_test = x[test_idx], y[test_idx]
         x, y = x[train_idx], y[train_idx]
     else:
-        x, y = _load_torchvision(cfg, train=True)
-        x_test, y_test = _load_torchvision(cfg, train=False)
+        x, y = _load_files(cfg, train=True)
+        x_test, y_test = _load_files(cfg, train=False)
     train_idx, val_idx = _split(len(x), cfg.val_fraction, g)
     x_val, y_val = x[val_idx], y[val_idx]
     if cfg.train_size is not None:
@@ -351,6 +473,16 @@ def _zca(s: Splits, eps: float) -> None:
 # ---------------------------------------------------------------- Lightning
 
 
+_NOTED: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    """Print `message` on stderr once per process, from rank zero only."""
+    if message not in _NOTED and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        _NOTED.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
 class InMemoryDataModule(L.LightningDataModule):
     """Any dataset above as a LightningDataModule whose loaders are `TensorBatches` on the device."""
 
@@ -386,7 +518,7 @@ class InMemoryDataModule(L.LightningDataModule):
         dev = self._device()
         rank, world = self._rank()
         bs = self.cfg.batch_size if train else (self.cfg.eval_batch_size or 4 * self.cfg.batch_size)
-        return TensorBatches(
+        loader = TensorBatches(
             x.to(dev),
             y.to(dev),
             bs,
@@ -395,6 +527,24 @@ class InMemoryDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             augment=train and self.cfg.augment and self.cfg.name == "cifar10",
+        )
+        if train and loader._shard_len % bs == 1 and self._has_batch_norm():
+            # BatchNorm's batch statistics of one sample are undefined ("Expected more than 1 value per channel
+            # when training"): drop that batch, as DataLoader(drop_last=True) would, and say so.
+            loader.drop_last = True
+            if len(loader) == 0:
+                raise UserError(f"data: {loader._shard_len} training sample per process cannot train BatchNorm")
+            _note_once(
+                f"note: data.batch_size={bs} leaves a last training batch of 1 sample ({loader._shard_len} samples"
+                f"{' per process' if world > 1 else ''}); BatchNorm cannot train on it, so every epoch leaves it out"
+            )
+        return loader
+
+    def _has_batch_norm(self) -> bool:
+        trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        return module is not None and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()
         )
 
     def train_dataloader(self) -> TensorBatches:

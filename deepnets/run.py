@@ -30,10 +30,11 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from deepnets.checkpoint import RNGState, SafeCheckpointIO, load_checkpoint
+from deepnets.checkpoint import RNGState, SafeCheckpointIO, check_resumable, load_checkpoint
 from deepnets.config import Config, check_runtime, to_yaml
 from deepnets.data import InMemoryDataModule
 from deepnets.errors import UserError
+from deepnets.memory import check_fits, meta_model_for
 from deepnets.models import build_model
 from deepnets.module import Classifier, LossProgressBar
 from deepnets.monitor import GradientFlowMonitor
@@ -663,6 +664,7 @@ def resolve_resume(cfg: Config, resume: str | None) -> Resume:
                     f"--resume {path}: the checkpoint has model.{key}={saved[key]!r}, the config model.{key}="
                     f"{current[key]!r}; resume with the run's own config ({path.parent.parent / 'config.yaml'})"
                 )
+    check_resumable(ckpt, meta_model_for(cfg), path)  # shapes (other data?) and optimizer state, in one line
     step = ckpt.get("global_step", 0)
     return Resume(path, step if isinstance(step, int) else 0, _own_run_dir(cfg, path))
 
@@ -706,6 +708,7 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
     check_runtime(cfg)  # devices, strategy and precision this machine can run: one error line, nothing written
     apply_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_fits(cfg)  # a model that cannot fit fails now, from a meta-device estimate
     with StopSignals() as stop:
         try:
             origin = resolve_resume(cfg, resume)
