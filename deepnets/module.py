@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, Metric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
 
 from deepnets.config import Config, OptimConfig, SchedulerConfig
 from deepnets.errors import UserError
@@ -123,17 +122,17 @@ class Classifier(L.LightningModule):
         self.model = model
         self.optim_cfg, self.sched_cfg = cfg.optim, cfg.scheduler
         self.save_hyperparameters(cfg.to_dict())  # plain dicts: safe under weights_only loading
-        num_classes = model.head.out_features if hasattr(model, "head") else None
         self.channels_last = cfg.model.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # validate_args=False: argument checks inspect tensor values, i.e. a host sync per step
-        acc = lambda: MulticlassAccuracy(num_classes or 2, average="micro", validate_args=False)  # noqa: E731
-        self.val_acc, self.test_acc = acc(), acc()
-        # nan_strategy="disable": the default checks each batch for NaN, a host sync per step
-        self.val_loss, self.test_loss = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
-        # Training epoch means: top-1 accuracy as (argmax == y).sum() is micro accuracy, for a fraction of the cost.
+        # Every reported loss and accuracy is a per-sample mean: sum over the samples / their count, each a
+        # RunningMean (summed across ranks by Lightning at the epoch end). Not torchmetrics' MeanMetric: its
+        # nan_strategy="disable" (needed to avoid a NaN check, i.e. a host sync, per batch) drops the batch
+        # weights in torchmetrics 1.9 and returns the mean of batch means. Top-1 accuracy as
+        # (argmax == y).sum() / n is micro accuracy (MulticlassAccuracy(average="micro")) at a fraction of its cost.
         self.train_loss, self.train_acc = RunningMean(), RunningMean()
+        self.val_loss, self.val_acc = RunningMean(), RunningMean()
+        self.test_loss, self.test_acc = RunningMean(), RunningMean()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:
@@ -184,12 +183,13 @@ class Classifier(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        x, y = batch  # (B, ...), (B,)
+        logits = self(x)  # (B, K)
+        loss_sum = F.cross_entropy(logits, y, reduction="sum")
         loss_metric, acc = (self.val_loss, self.val_acc) if stage == "val" else (self.test_loss, self.test_acc)
-        loss_metric.update(loss, weight=len(y))  # exact mean over uneven batches and ranks
-        acc.update(logits, y)
+        n = y.shape[0]
+        loss_metric.update(loss_sum, n)  # exact mean over uneven batches and ranks
+        acc.update((logits.argmax(1) == y).sum(), n)
 
     def _log_eval(self, stage: str) -> None:
         """Once per evaluation epoch: logging the Metric objects every batch costs ~ms each (Lightning)."""
