@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
+from deepnets import console
 from deepnets.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -29,8 +29,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    # Lightning 2.6 on torch >= 2.10 warns about its own use of a deprecated pytree API on every run.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    console.configure()  # drop the libraries' banners and warnings about their own internals
     try:
         return _main(args)
     except UserError as e:

@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from deepnets import console
 from deepnets.checkpoint import RNGState, SafeCheckpointIO, load_checkpoint
 from deepnets.config import Config, to_yaml
 from deepnets.data import InMemoryDataModule
@@ -174,13 +175,13 @@ class LastCheckpoint(Callback):
     ) -> None:
         periodic = self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0
         if self.ckpt_dir is not None and (periodic or self.signum is not None):
-            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt", weights_only=False)
         if self.signum is not None:
             raise Interrupted(self.signum, trainer.global_step)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.ckpt_dir is not None:  # after validation, so best-model and early-stopping state are current
-            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+            trainer.save_checkpoint(self.ckpt_dir / "last.ckpt", weights_only=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -228,6 +229,8 @@ def build_trainer(cfg: Config, run_dir: Path | None, callbacks: list[Callback]) 
             # live dashboards without a synchronous flush on the training thread.
             flush_secs=10,
         )
+    # The default 1.0 (all batches) goes as None: Lightning notes every explicit 1.0 (1, an int, is one batch).
+    limit_val = None if isinstance(t.limit_val_batches, float) and t.limit_val_batches == 1.0 else t.limit_val_batches
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -240,7 +243,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, callbacks: list[Callback]) 
         log_every_n_steps=t.log_every_n_steps,
         fast_dev_run=t.fast_dev_run,
         overfit_batches=t.overfit_batches,
-        limit_val_batches=t.limit_val_batches,
+        limit_val_batches=limit_val,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         gradient_clip_val=cfg.optim.grad_clip_norm,
         gradient_clip_algorithm="norm",
@@ -295,6 +298,8 @@ def _callbacks(
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
+        if k.startswith("lr-"):  # LearningRateMonitor's per-step lr: on TensorBoard, not a final metric
+            continue
         value = float(v.item() if isinstance(v, torch.Tensor) else v)
         out[k.removesuffix("_epoch")] = value if math.isfinite(value) else str(value)  # type: ignore[assignment]
     return out
@@ -368,7 +373,8 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
     `callbacks` join the run's own (a sweep's pruner, for one).
     """
     start = time.perf_counter()
-    apply_threads(cfg.trainer.threads)
+    threads = apply_threads(cfg.trainer.threads)  # config.yaml records the count used: it changes results
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, threads=threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path, run_dir = resolve_resume(cfg, resume)
     rank_zero = _is_rank_zero()
@@ -392,6 +398,13 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
     module = Classifier(model, cfg)
     run_callbacks, ckpt, early = _callbacks(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, [*run_callbacks, *callbacks])
+    if rank_zero and cfg.trainer.progress_bar:
+        assert data.splits is not None
+        sizes = (len(data.splits.y_train), len(data.splits.y_val), len(data.splits.y_test))
+        params = sum(p.numel() for p in model.parameters())
+        name = cfg.model.preset or cfg.model.arch
+        device, precision = console.device_name(trainer), str(trainer.precision)
+        print(console.header(run_dir, name, params, cfg.data.name, sizes, device, precision, threads, ckpt_path))
 
     result = RunResult(run_dir, "completed", model=model)
     try:
