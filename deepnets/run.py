@@ -350,19 +350,42 @@ def tune_learning_rate(cfg: Config, model: torch.nn.Module, run_dir: Path | None
     return cfg
 
 
+# torch's own default, read before any run sets it: one thread per physical core, or OMP_NUM_THREADS
+_TORCH_THREADS = torch.get_num_threads()
+
+
+def available_cores() -> int:
+    """CPUs this process may use: its affinity mask (taskset, cpusets), capped by a cgroup v2 CPU quota
+    (`docker --cpus`), which os.cpu_count() ignores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    return cores
+
+
 def resolve_threads(threads: int | str) -> int:
-    """`trainer.threads` as a count. auto: 1 on a machine of at most 2 cores (small models on a shared
-    2-core box stall on descheduled threads), else torch's default."""
+    """`trainer.threads` as a count. auto: OMP_NUM_THREADS where the environment sets it; else 1 on a
+    machine of at most 2 usable cores (on a shared 2-core box a second thread stalls every small op
+    whenever the other core is busy: 10-20x slower runs, bench/threads.py); else torch's default,
+    capped at the usable cores."""
     if threads != "auto":
         return int(threads)
-    cores = os.cpu_count() or 1
-    return 1 if cores <= 2 else torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = available_cores()
+    return 1 if cores <= 2 else min(_TORCH_THREADS, cores)
 
 
 def apply_threads(threads: int | str) -> int:
+    """Set torch's intra-op and inter-op thread counts; returns the count."""
     n = resolve_threads(threads)
     torch.set_num_threads(n)
-    with contextlib.suppress(RuntimeError):  # settable only before the first inter-op parallel work
+    with contextlib.suppress(RuntimeError):  # settable once, before the first inter-op parallel work
         torch.set_num_interop_threads(n)
     return n
 
@@ -373,8 +396,7 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
     `callbacks` join the run's own (a sweep's pruner, for one).
     """
     start = time.perf_counter()
-    threads = apply_threads(cfg.trainer.threads)  # config.yaml records the count used: it changes results
-    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, threads=threads))
+    threads = apply_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path, run_dir = resolve_resume(cfg, resume)
     rank_zero = _is_rank_zero()
@@ -395,7 +417,8 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
         model.compile()  # in place: state_dict keys stay those of the plain model
     if (cfg.trainer.lr_find or cfg.trainer.lr_probe) and ckpt_path is None:  # a resumed optimizer keeps its lr
         cfg = tune_learning_rate(cfg, model, run_dir if rank_zero else None)
-    module = Classifier(model, cfg)
+    # hparams.yaml and the checkpoints record the thread count used (it changes results); config.yaml keeps `auto`
+    module = Classifier(model, dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, threads=threads)))
     run_callbacks, ckpt, early = _callbacks(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, [*run_callbacks, *callbacks])
     if rank_zero and cfg.trainer.progress_bar:

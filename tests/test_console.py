@@ -16,6 +16,7 @@ from pathlib import Path
 from deepnets import console
 from deepnets.config import load_config
 from deepnets.models import build_model
+from deepnets.run import resolve_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +37,6 @@ RUN = [
     "trainer.devices=1",
     "trainer.progress_bar=true",
     "trainer.log_every_n_steps=2",
-    "trainer.threads=1",
     "logging.grad_norm_every_n_steps=4",
 ]
 BAR = re.compile(
@@ -70,7 +70,9 @@ def screens(line: str) -> list[str]:
 def check_header(line: str, run_dir: Path, *overrides: str) -> None:
     cfg = load_config(str(ROOT / "configs" / "mlp.yaml"), [*RUN, *overrides])
     params = sum(p.numel() for p in build_model(cfg.model, (8,), 3).parameters())
-    assert line == f"{run_dir} | mlp {params:,} params | synthetic 360/40/100 train/val/test | cpu 32-true | 1 thread"
+    n = resolve_threads("auto")  # the subprocess has this environment and machine
+    threads = f"{n} thread{'s' if n > 1 else ''}"
+    assert line == f"{run_dir} | mlp {params:,} params | synthetic 360/40/100 train/val/test | cpu 32-true | {threads}"
 
 
 def check_bars(lines: list[str], last_epoch: int | None) -> list[str]:
@@ -101,7 +103,9 @@ def test_a_run_prints_header_bar_and_summary_only(tmp_path: Path) -> None:
     assert re.fullmatch(rf"completed: {re.escape(str(run_dir))} test/acc=\d\.\d{{4}}, .*", lines[2])
     metrics = (tmp_path / run_dir / "metrics.json").read_text()
     assert '"lr-' not in metrics  # the LR monitor's keys stay on TensorBoard
-    assert "threads: 1" in (tmp_path / run_dir / "config.yaml").read_text()
+    # the count used, beside config.yaml (which keeps `auto`)
+    assert f"threads: {resolve_threads('auto')}" in (tmp_path / run_dir / "hparams.yaml").read_text()
+    assert "threads: auto" in (tmp_path / run_dir / "config.yaml").read_text()
 
 
 def test_a_vanishing_gradient_warning_is_one_line_that_clears_the_bar(tmp_path: Path) -> None:
