@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from typing import NoReturn
 
+from deepnets import console
 from deepnets.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -46,8 +46,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    # Lightning 2.6 on torch >= 2.10 warns about its own use of a deprecated pytree API on every run.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    console.configure()  # drop the libraries' banners and warnings about their own internals
     try:
         return _main(args)
     except UserError as e:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+import sys
 import time
 from typing import Any
 
@@ -10,9 +12,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, Metric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
 
 from deepnets.config import Config, OptimConfig, SchedulerConfig
 from deepnets.errors import UserError
@@ -61,13 +63,52 @@ class RunningMean(Metric):
         return (self.total / self.weight).float()
 
 
+BAR_COLUMNS = 80  # the widest a progress bar line gets (narrower terminals: their width)
+MIN_BAR = 5  # columns kept for the bar itself; metrics that do not fit beside it are left out, whole
+
+
+class _FittedBar(Tqdm):
+    """Lightning's Tqdm whose metrics (`name value` pairs) are dropped from the end, whole, until the line
+    fits `ncols` with a bar of at least MIN_BAR columns: tqdm itself would cut the line at `ncols`,
+    mid-number."""
+
+    @staticmethod
+    def format_meter(n: float, total: float, elapsed: float, ncols: int | None = None, **kwargs: Any) -> str:
+        postfix, bar_format = kwargs.pop("postfix", None), kwargs.get("bar_format")
+        if ncols and postfix and bar_format:
+            words = str(postfix).split(" ")
+            nobar = {**kwargs, "bar_format": bar_format.replace("{bar}", "")}
+            while words and len(Tqdm.format_meter(n, total, elapsed, postfix=" ".join(words), **nobar)) > (
+                ncols - MIN_BAR
+            ):
+                del words[-2:]
+            postfix = " ".join(words) or None
+        return Tqdm.format_meter(n, total, elapsed, ncols=ncols, postfix=postfix, **kwargs)
+
+    def set_postfix(self, ordered_dict: dict[str, Any] | None = None, refresh: bool = True, **kwargs: Any) -> None:
+        """`loss 0.123 val_acc 0.944` rather than tqdm's `loss=0.123, val_acc=0.944`."""
+        items = {**(ordered_dict or {}), **kwargs}
+        self.set_postfix_str(" ".join(f"{k} {_num(v)}" for k, v in items.items()), refresh=refresh)
+
+
+def _num(v: float) -> str:
+    """Three decimals; small and large values in exponent form (a loss of 4e-4 is not 0.000)."""
+    return f"{v:.3f}" if v == 0 or 0.01 <= abs(v) < 100 else f"{v:.1e}"
+
+
 class LossProgressBar(TQDMProgressBar):
-    """Lightning's TQDM bar plus the training loss, redrawn at most `min_interval_s` apart.
+    """Lightning's TQDM bar in at most 80 columns, redrawn at most `min_interval_s` apart:
+
+        epoch 3/12 |████     | 12/21 [00:01<00:00, loss 0.123 val_acc 0.944 val_loss 0.184]
+
+    (val_loss, then val_acc, left out whole where they do not fit). No validation or test bars:
+    in-memory evaluation takes a moment, and its metrics appear on the training bar.
 
     With `self.log(..., prog_bar=True)` Lightning converts every progress-bar
     value to a Python number after *every* batch (`.item()`, a host sync per
     step on an accelerator, even when the value is stale). Here the loss is
-    read on logging steps only and the bar shows the last value read.
+    read on logging steps only, the validation metrics once per validation,
+    and the bar shows the last values read.
 
     A redraw (two tqdm writes plus Lightning's metric collection) costs
     ~0.3 ms; Lightning's count-based `refresh_rate` redraws a 1 ms/step model
@@ -75,11 +116,33 @@ class LossProgressBar(TQDMProgressBar):
     keeps the bar live for slow models and free for fast ones.
     """
 
+    BAR_FORMAT = "{desc} |{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+
     def __init__(self, min_interval_s: float = 0.1) -> None:
         super().__init__(refresh_rate=1)
         self.min_interval_s = min_interval_s
         self._loss: float | None = None
+        self._val: dict[str, float] = {}
         self._last_draw = -math.inf
+
+    def init_train_tqdm(self) -> Tqdm:
+        columns = min(shutil.get_terminal_size((BAR_COLUMNS, 24)).columns, BAR_COLUMNS)
+        return _FittedBar(
+            desc="epoch",
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            ncols=columns,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+    def init_test_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
 
     def _should_update(self, current: int, total: int | float) -> bool:  # Lightning's per-batch redraw check
         if not self.is_enabled:
@@ -90,6 +153,15 @@ class LossProgressBar(TQDMProgressBar):
             return True
         return False
 
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:  # Lightning's, with our description
+        bar = self.train_progress_bar
+        bar.reset()
+        bar.total = convert_inf(self.total_train_batches)
+        bar.initial = 0
+        epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+        epoch = trainer.current_epoch + 1  # 1-based: "epoch 12/12" is the last
+        bar.set_description_str(f"epoch {epoch}/{epochs}" if epochs else f"epoch {epoch}")
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -99,11 +171,22 @@ class LossProgressBar(TQDMProgressBar):
                 self._loss = float(loss)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:  # once per validation: a host read
+            for key in ("val/acc", "val/loss"):  # in the order they give way when the line is full
+                if isinstance(value := trainer.callback_metrics.get(key), Tensor):
+                    self._val[key.replace("/", "_")] = float(value)
+        super().on_validation_end(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._train_progress_bar is not None:  # end the bar's line: what follows is not glued onto it
+            self.train_progress_bar.close()
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
-        if self._loss is not None:
-            items["train/loss_step"] = f"{self._loss:.3g}"
-        return items
+        """What the bar shows: the last logged training loss and the last validation's loss and accuracy
+        (no `v_num`: the header names the run directory)."""
+        items = {"loss": self._loss} if self._loss is not None else {}
+        return {**items, **self._val}
 
 
 class Classifier(L.LightningModule):
@@ -123,17 +206,17 @@ class Classifier(L.LightningModule):
         self.model = model
         self.optim_cfg, self.sched_cfg = cfg.optim, cfg.scheduler
         self.save_hyperparameters(cfg.to_dict())  # plain dicts: safe under weights_only loading
-        num_classes = model.head.out_features if hasattr(model, "head") else None
         self.channels_last = cfg.model.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # validate_args=False: argument checks inspect tensor values, i.e. a host sync per step
-        acc = lambda: MulticlassAccuracy(num_classes or 2, average="micro", validate_args=False)  # noqa: E731
-        self.val_acc, self.test_acc = acc(), acc()
-        # nan_strategy="disable": the default checks each batch for NaN, a host sync per step
-        self.val_loss, self.test_loss = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
-        # Training epoch means: top-1 accuracy as (argmax == y).sum() is micro accuracy, for a fraction of the cost.
+        # Every reported loss and accuracy is a per-sample mean: sum over the samples / their count, each a
+        # RunningMean (summed across ranks by Lightning at the epoch end). Not torchmetrics' MeanMetric: its
+        # nan_strategy="disable" (needed to avoid a NaN check, i.e. a host sync, per batch) drops the batch
+        # weights in torchmetrics 1.9 and returns the mean of batch means. Top-1 accuracy as
+        # (argmax == y).sum() / n is micro accuracy (MulticlassAccuracy(average="micro")) at a fraction of its cost.
         self.train_loss, self.train_acc = RunningMean(), RunningMean()
+        self.val_loss, self.val_acc = RunningMean(), RunningMean()
+        self.test_loss, self.test_acc = RunningMean(), RunningMean()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:
@@ -179,23 +262,24 @@ class Classifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         # Metric objects: Lightning computes (and syncs across ranks) and resets them at the epoch end.
-        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, logger=False)  # for monitors
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        x, y = batch  # (B, ...), (B,)
+        logits = self(x)  # (B, K)
+        loss_sum = F.cross_entropy(logits, y, reduction="sum")
         loss_metric, acc = (self.val_loss, self.val_acc) if stage == "val" else (self.test_loss, self.test_acc)
-        loss_metric.update(loss, weight=len(y))  # exact mean over uneven batches and ranks
-        acc.update(logits, y)
+        n = y.shape[0]
+        loss_metric.update(loss_sum, n)  # exact mean over uneven batches and ranks
+        acc.update((logits.argmax(1) == y).sum(), n)
 
     def _log_eval(self, stage: str) -> None:
         """Once per evaluation epoch: logging the Metric objects every batch costs ~ms each (Lightning)."""
         loss_metric, acc = (self.val_loss, self.val_acc) if stage == "val" else (self.test_loss, self.test_acc)
-        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True)  # the bar reads them (LossProgressBar)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from deepnets import console
 from deepnets.checkpoint import RNGState, SafeCheckpointIO, check_resumable, load_checkpoint
 from deepnets.config import Config, check_runtime, to_yaml
 from deepnets.data import InMemoryDataModule
@@ -378,7 +379,7 @@ class LastCheckpoint(Callback):
         if self.ckpt_dir is None:
             return
         DivergenceGuard.check_weights(trainer, pl_module)
-        trainer.save_checkpoint(self.ckpt_dir / "last.ckpt")
+        trainer.save_checkpoint(self.ckpt_dir / "last.ckpt", weights_only=False)
         if self.on_save is not None and trainer.is_global_zero:
             self.on_save(trainer)
 
@@ -541,6 +542,8 @@ def build_trainer(cfg: Config, run_dir: Path | None, callbacks: list[Callback]) 
             # live dashboards without a synchronous flush on the training thread.
             flush_secs=10,
         )
+    # The default 1.0 (all batches) goes as None: Lightning notes every explicit 1.0 (1, an int, is one batch).
+    limit_val = None if isinstance(t.limit_val_batches, float) and t.limit_val_batches == 1.0 else t.limit_val_batches
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -553,7 +556,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, callbacks: list[Callback]) 
         log_every_n_steps=t.log_every_n_steps,
         fast_dev_run=t.fast_dev_run,
         overfit_batches=t.overfit_batches,
-        limit_val_batches=t.limit_val_batches,
+        limit_val_batches=limit_val,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         gradient_clip_val=cfg.optim.grad_clip_norm,
         gradient_clip_algorithm="norm",
@@ -616,6 +619,8 @@ def _callbacks(
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
+        if k.startswith("lr-"):  # LearningRateMonitor's per-step lr: on TensorBoard, not a final metric
+            continue
         value = float(v.item() if isinstance(v, torch.Tensor) else v)
         out[k.removesuffix("_epoch")] = value if math.isfinite(value) else str(value)  # type: ignore[assignment]
     return out
@@ -682,21 +687,61 @@ def tune_learning_rate(cfg: Config, model: torch.nn.Module, run_dir: Path | None
     return cfg
 
 
+# torch's own default, read before any run sets it: one thread per physical core, or OMP_NUM_THREADS
+_TORCH_THREADS = torch.get_num_threads()
+
+
+def available_cores() -> int:
+    """CPUs this process may use: its affinity mask (taskset, cpusets), capped by a cgroup v2 CPU quota
+    (`docker --cpus`), which os.cpu_count() ignores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    return cores
+
+
 def resolve_threads(threads: int | str) -> int:
-    """`trainer.threads` as a count. auto: 1 on a machine of at most 2 cores (small models on a shared
-    2-core box stall on descheduled threads), else torch's default."""
+    """`trainer.threads` as a count. auto: OMP_NUM_THREADS where the environment sets it; else 1 on a
+    machine of at most 2 usable cores (on a shared 2-core box a second thread stalls every small op
+    whenever the other core is busy: 10-20x slower runs, bench/threads.py); else torch's default,
+    capped at the usable cores."""
     if threads != "auto":
         return int(threads)
-    cores = os.cpu_count() or 1
-    return 1 if cores <= 2 else torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = available_cores()
+    return 1 if cores <= 2 else min(_TORCH_THREADS, cores)
 
 
 def apply_threads(threads: int | str) -> int:
+    """Set torch's intra-op and inter-op thread counts; returns the count."""
     n = resolve_threads(threads)
     torch.set_num_threads(n)
-    with contextlib.suppress(RuntimeError):  # settable only before the first inter-op parallel work
+    with contextlib.suppress(RuntimeError):  # settable once, before the first inter-op parallel work
         torch.set_num_interop_threads(n)
     return n
+
+
+def _header(
+    cfg: Config,
+    run_dir: Path | None,
+    data: InMemoryDataModule,
+    model: torch.nn.Module,
+    trainer: L.Trainer,
+    threads: int,
+    resumed_from: Path | None,
+) -> str:
+    assert data.splits is not None
+    sizes = (len(data.splits.y_train), len(data.splits.y_val), len(data.splits.y_test))
+    params = sum(p.numel() for p in model.parameters())
+    name = cfg.model.preset or cfg.model.arch
+    device, precision = console.device_name(trainer), str(trainer.precision)
+    return console.header(run_dir, name, params, cfg.data.name, sizes, device, precision, threads, resumed_from)
 
 
 def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> RunResult:
@@ -706,7 +751,7 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
     config, data and model are known to be good; metrics.json is written however the run ends.
     """
     check_runtime(cfg)  # devices, strategy and precision this machine can run: one error line, nothing written
-    apply_threads(cfg.trainer.threads)
+    threads = apply_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     check_fits(cfg)  # a model that cannot fit fails now, from a meta-device estimate
     with StopSignals() as stop:
@@ -726,9 +771,14 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
             tune = cfg.trainer.lr_find or cfg.trainer.lr_probe
             if tune and origin.path is None:  # a resumed optimizer keeps its lr
                 cfg = tune_learning_rate(cfg, model, run.path if _is_rank_zero() else None)
-            module = Classifier(model, cfg)
+            # hparams.yaml and the checkpoints record the thread count used (it changes results);
+            # config.yaml keeps `auto`
+            used = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, threads=threads))
+            module = Classifier(model, used)
             run_callbacks, ckpt, early = _callbacks(cfg, run, stop)
             trainer = build_trainer(cfg, run.path, [*run_callbacks, *callbacks])
+            if _is_rank_zero() and cfg.trainer.progress_bar:
+                print(_header(cfg, run.path, data, model, trainer, threads, origin.path))
             return _fit_and_test(cfg, run, trainer, module, data, origin.path, ckpt, early, stop)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from deepnets import console
 from deepnets.errors import UserError
 
 # name -> (module with `main(argv) -> int | None`, one-line description); imported only when chosen
@@ -25,6 +26,7 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    console.configure()  # drop the libraries' banners and warnings about their own internals
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
