@@ -435,12 +435,28 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     if cfg.label_noise > 0:
         num_classes = SHAPES.get(cfg.name, (None, cfg.num_classes))[1]
         y_train = flip_labels(y_train, cfg.label_noise, num_classes, seed=cfg.split_seed + 1)
+    _check_split_sizes(cfg, len(y_train), len(y_val), len(y_test))
     s = Splits(x_train, y_train, x_val, y_val, x_test, y_test)
     if cfg.standardize:
         _standardize(s)
     if cfg.whiten == "zca":
         _zca(s, cfg.whiten_eps)
     return s
+
+
+def _check_split_sizes(cfg: DataConfig, n_train: int, n_val: int, n_test: int) -> None:
+    """Splits too small to mean anything fail here, naming the keys that made them: a training split
+    of one sample has no std (standardisation turns it into NaN) and no BatchNorm statistics, and an
+    empty val/test split would report no metrics (or NaN ones) under a `completed` status."""
+    sizes = f"{n_train}/{n_val}/{n_test} train/val/test samples"
+    if n_train < 2:
+        keys = "data.train_size" if cfg.train_size is not None else "data.val_fraction / data.test_fraction"
+        raise UserError(f"data: the training split has {n_train} sample(s) ({sizes}); at least 2 needed (check {keys})")
+    if cfg.val_fraction > 0 and n_val == 0:
+        raise UserError(f"data.val_fraction={cfg.val_fraction} leaves an empty validation split ({sizes})")
+    if n_test == 0:
+        key = f"data.test_fraction={cfg.test_fraction}" if cfg.name in ("digits", "synthetic") else "data.root"
+        raise UserError(f"{key}: the test split is empty ({sizes})")
 
 
 def _standardize(s: Splits) -> None:

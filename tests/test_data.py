@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -221,3 +222,22 @@ def test_training_set_is_copied_into_huge_pages_on_the_cpu(monkeypatch: pytest.M
     dm = InMemoryDataModule(load_config(None, []).data, seed=0)
     dm.setup("fit")
     assert len(placed) == 1 and placed[0] is dm.splits.x_train
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.num_samples=2"], "data.val_fraction=0.1 leaves an empty validation split"),
+        (["data.num_samples=3", "data.test_fraction=0.5"], "data: the training split has 1 sample(s)"),
+        (["data.test_fraction=0.999"], "data: the training split has 1 sample(s)"),
+        (["data.train_size=1"], "check data.train_size"),
+        (["data.num_samples=4", "data.val_fraction=0", "data.test_fraction=0.1", "checkpoint.enabled=false"],
+         "data.test_fraction=0.1: the test split is empty"),
+    ],
+)
+def test_splits_too_small_to_mean_anything_are_one_error(overrides: list[str], message: str) -> None:
+    """A 1-sample training split (NaN standardisation, no BN statistics) or an empty val/test split
+    would train and report `completed` with missing or NaN metrics: it is a UserError naming the key."""
+    cfg = load_config(None, ["data.name=synthetic", *overrides])
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_splits(cfg.data, seed=0)
