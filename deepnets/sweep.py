@@ -317,7 +317,7 @@ def parse_storage(storage: str | None) -> tuple[str, str | None]:
         try:
             dialect.import_dbapi()
         except ImportError as e:
-            hint = " (pip install psycopg2-binary)" if url.get_backend_name() == "postgresql" else ""
+            hint = " (pip install 'psycopg[binary]')" if url.get_backend_name() == "postgresql" else ""
             raise UserError(f"sweep.storage: the {url.drivername} driver is not installed: {e}{hint}") from None
         return "rdb", storage
     path = Path(storage).expanduser()
