@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import os
 import re
 import socket
 import subprocess
@@ -334,18 +332,30 @@ def test_cli_resume_with_a_different_config_is_an_error(tmp_path: Path, capsys) 
     [
         (["sweep.params={1: [2, 3]}"], "sweep.params: key 1 is not a string"),
         (["sweep.params={optim.lr: {low: 0.01, high: 0.1}}"], "sweep.params.optim.lr: a range needs sweep.search"),
-        (["sweep.search=random", "sweep.trials=2", "sweep.params={optim.lr: {low: 0.1, high: 0.01}}"],
-         "sweep.params.optim.lr: low"),
-        (["sweep.search=tpe", "sweep.trials=2", "sweep.params={optim.lr: {low: 0.01, hi: 0.1}}"],
-         "sweep.params.optim.lr.hi: unknown key"),
-        (["sweep.search=tpe", "sweep.trials=2", "sweep.params={optim.lr: {low: 0.0, high: 0.1, log: true}}"],
-         "sweep.params.optim.lr: log: true needs low > 0"),
-        (["sweep.search=tpe", "sweep.trials=2", "sweep.params={optim.lr: {low: x, high: 0.1}}"],
-         "sweep.params.optim.lr.low: expected a number"),
-        (["sweep.search=random", "sweep.trials=2", "sweep.params={optim.lr: {low: -1.0, high: 0.1}}"],
-         "sweep.params.optim.lr: optim.lr: -1.0 is out of range"),
-        (["sweep.search=random", "sweep.trials=2", "sweep.params={model.width: {low: 2.5, high: 8.0}}"],
-         "sweep.params.model.width: model.width: expected"),
+        (
+            ["sweep.search=random", "sweep.trials=2", "sweep.params={optim.lr: {low: 0.1, high: 0.01}}"],
+            "sweep.params.optim.lr: low",
+        ),
+        (
+            ["sweep.search=tpe", "sweep.trials=2", "sweep.params={optim.lr: {low: 0.01, hi: 0.1}}"],
+            "sweep.params.optim.lr.hi: unknown key",
+        ),
+        (
+            ["sweep.search=tpe", "sweep.trials=2", "sweep.params={optim.lr: {low: 0.0, high: 0.1, log: true}}"],
+            "sweep.params.optim.lr: log: true needs low > 0",
+        ),
+        (
+            ["sweep.search=tpe", "sweep.trials=2", "sweep.params={optim.lr: {low: x, high: 0.1}}"],
+            "sweep.params.optim.lr.low: expected a number",
+        ),
+        (
+            ["sweep.search=random", "sweep.trials=2", "sweep.params={optim.lr: {low: -1.0, high: 0.1}}"],
+            "sweep.params.optim.lr: optim.lr: -1.0 is out of range",
+        ),
+        (
+            ["sweep.search=random", "sweep.trials=2", "sweep.params={model.width: {low: 2.5, high: 8.0}}"],
+            "sweep.params.model.width: model.width: expected",
+        ),
         (["sweep.search=random", "sweep.params={model.width: [4]}"], "sweep.trials: required"),
         (["sweep.trials=3", "sweep.params={model.width: [4]}"], "sweep.trials: only for"),
         (["sweep.sampler_seed=3", "sweep.params={model.width: [4]}"], "sweep.sampler_seed: only for"),
@@ -357,8 +367,10 @@ def test_cli_resume_with_a_different_config_is_an_error(tmp_path: Path, capsys) 
         (["sweep.workers=-1", "sweep.params={model.width: [4]}"], "sweep.workers: -1 is out of range"),
         (["sweep.storage=nosuchdir/x.journal", "sweep.params={model.width: [4]}"], "sweep.storage: journal file"),
         (["sweep.storage=nosuch://x/y", "sweep.params={model.width: [4]}"], "sweep.storage: 'nosuch://x/y' is not"),
-        (["sweep.storage=postgresql://u:secret@127.0.0.1:1/db", "sweep.params={model.width: [4]}"],
-         "sweep.storage: cannot open postgresql://u:***@127.0.0.1:1/db"),
+        (
+            ["sweep.storage=postgresql://u:secret@127.0.0.1:1/db", "sweep.params={model.width: [4]}"],
+            "sweep.storage: cannot open postgresql://u:***@127.0.0.1:1/db",
+        ),
         (["sweep.workers=2"], "sweep.params: empty"),  # a sweep section without params is not ignored
     ],
 )
