@@ -61,11 +61,15 @@ def _main(args: argparse.Namespace) -> int:
 
         if args.sweep_worker is None:
             raise UserError("--study NAME needs --sweep-worker STORAGE_URL")
+        if args.config or args.overrides:
+            raise UserError("--sweep-worker takes the sweep's own config; drop --config and overrides")
         return worker_command(args.sweep_worker, args.study)
     if args.resume and (Path(args.resume) / "sweep.yaml").is_file():  # a sweep directory
         from deepnets.sweep import resume_command
 
-        cfg = load_config(args.config, args.overrides) if args.config else None
+        # overrides alone apply to the sweep's own config (only sweep.workers may change on resume)
+        own = args.config or (str(Path(args.resume) / "sweep.yaml") if args.overrides else None)
+        cfg = load_config(own, args.overrides) if own else None
         return resume_command(args.resume, cfg)
     if args.config is None:
         raise UserError("--config is required (e.g. --config mlp.yaml; shipped configs live in configs/)")

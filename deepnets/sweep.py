@@ -795,7 +795,21 @@ def _finish(sw: Sweep, trial: Any, row: dict[str, Any], value: float | None, sta
         sw.study.tell(trial, state=state)
 
 
-def run_trial(sw: Sweep, trial: Any, tag: str, flag: StopFlag) -> dict[str, Any]:
+def _share_machine(cfg: Config, slot: int, n: int) -> None:
+    """Local worker `slot` of `n`: `cores // n` threads (trainer.threads: auto) and one GPU (round robin),
+    written into the run's config so its config.yaml records them."""
+    if n <= 1:
+        return
+    if cfg.trainer.threads == "auto":
+        cfg.trainer.threads = max(1, len(os.sched_getaffinity(0)) // n)
+    if cfg.trainer.accelerator in ("auto", "gpu", "cuda"):
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            cfg.trainer.devices = [slot % torch.cuda.device_count()]
+
+
+def run_trial(sw: Sweep, trial: Any, tag: str, flag: StopFlag, slot: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """Run the claimed trial's point with `deepnets.run.train`; record its row and outcome in the study."""
     from optuna.trial import TrialState
 
@@ -803,14 +817,10 @@ def run_trial(sw: Sweep, trial: Any, tag: str, flag: StopFlag) -> dict[str, Any]
 
     trial.set_user_attr("worker", _worker_id())
     trial.set_user_attr("started", time.time())
-    if os.environ.get("CUDA_VISIBLE_DEVICES") and SLOT_ENV in os.environ:
-        trial.set_user_attr("device", os.environ["CUDA_VISIBLE_DEVICES"])
     heartbeat = _Heartbeat(sw.storage, trial._trial_id)
     try:
         point = _point_of(trial, sw)
-        n = _slot()[1]
-        if n > 1 and point.cfg.trainer.threads == "auto":  # this machine's cores shared by its local workers
-            point.cfg.trainer.threads = max(1, len(os.sched_getaffinity(0)) // n)
+        _share_machine(point.cfg, *slot)
         _run_dir_cfg(point, sw)
         print(f"[{tag}] {point.label} ({point.params:,} parameters)", flush=True)
         pruner = _Pruner(trial, sw.cfg.sweep.metric) if sw.cfg.sweep.prune != "none" else None
@@ -849,8 +859,11 @@ def run_trial(sw: Sweep, trial: Any, tag: str, flag: StopFlag) -> dict[str, Any]
         heartbeat.stop()
 
 
-def work(sw: Sweep, flag: StopFlag, tag: str | None = None) -> bool:
-    """Claim and run trials until none waits or a signal arrives; True if every run here ended ok."""
+def work(sw: Sweep, flag: StopFlag, tag: str | None = None, slot: tuple[int, int] = (0, 1)) -> bool:
+    """Claim and run trials until none waits or a signal arrives; True if every run here ended ok.
+
+    `slot`: (i, n) for local worker i of n, which share this machine's cores and GPUs.
+    """
     from optuna.storages import fail_stale_trials
 
     tag = tag or _worker_id()
@@ -860,7 +873,7 @@ def work(sw: Sweep, flag: StopFlag, tag: str | None = None) -> bool:
         trial = claim(sw.study)
         if trial is None:
             break
-        row = run_trial(sw, trial, tag, flag)
+        row = run_trial(sw, trial, tag, flag, slot)
         ok &= row["status"] in OK
         write_report(sw, plot=False)  # after every run: a stopped sweep keeps its table
     return ok
@@ -915,42 +928,34 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _spawn_workers(sw: Sweep, n: int, flag: StopFlag) -> bool:
-    gpus = _gpu_count()
+def _spawn_workers(sw: Sweep, n: int, flag: StopFlag) -> list[subprocess.Popen[bytes]]:
+    """n local workers as processes (`deepnets --sweep-worker SWEEP_DIR`), started together so that they
+    import Lightning side by side and share the queue from the first run on."""
     procs = []
     for i in range(n):
         env = {**os.environ, SLOT_ENV: f"{i}/{n}"}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)  # one GPU each (round robin past the count)
         cmd = [sys.executable, "-m", "deepnets.cli", "--sweep-worker", str(sw.sweep_dir)]
         procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if os.name == "posix" else None))
         flag.forward.append(procs[-1])
-    codes = [p.wait() for p in procs]
-    if flag.signum is None:
-        sig = next((c - 128 for c in codes if c > 128), None)
-        flag.signum = sig
-    return all(c == 0 for c in codes)
+    return procs
 
 
 def drive(sw: Sweep, workers: int, *, verbose: bool = True) -> SweepResult:
     """Run the sweep's waiting trials with `workers` local workers (1: in this process); write the report."""
     flag = StopFlag()
+    codes: list[int] = []
     with flag.installed():
         if workers <= 1:
             work(sw, flag, tag="sweep")
-        elif workers > 1:
+        else:
             if verbose:
                 print(f"sweep: {workers} local workers", flush=True)
-            _spawn_workers(sw, workers, flag)
+            codes = [p.wait() for p in _spawn_workers(sw, workers, flag)]
+    if flag.signum is None:
+        flag.signum = next((c - 128 for c in codes if c > 128), None)
     rows = write_report(sw)
     result = SweepResult(sw.sweep_dir, rows, signum=flag.signum)
-    result.ok = flag.signum is None and all(r["status"] in OK for r in rows)
+    result.ok = flag.signum is None and all(c == 0 for c in codes) and all(r["status"] in OK for r in rows)
     if verbose and not rows:
         print(f"sweep: no run reported {sw.cfg.sweep.metric!r}; sweep.png not drawn", file=sys.stderr)
     return result
@@ -1112,7 +1117,7 @@ def worker_command(target: str, study: str | None) -> int:
     tag = f"worker {slot}" if n > 1 else _worker_id()
     flag = StopFlag()
     with flag.installed():
-        ok = work(sw, flag, tag=tag)
+        ok = work(sw, flag, tag=tag, slot=(slot, n))
     rows = write_report(sw)
     if SLOT_ENV not in os.environ:
         done = sum(1 for r in rows if r["status"] in FINAL)
