@@ -99,20 +99,24 @@ def test_two_local_workers_run_every_point_once_and_overlap(tmp_path: Path) -> N
     assert (sweep_dir / "sweep.png").stat().st_size > 1000 and "sweep: 6/6 runs ok" in out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_sweep_resumes_without_redoing_its_first_point(tmp_path: Path, sig: signal.Signals) -> None:
-    args = _args(tmp_path, "sweep.params={model.width: [4, 8, 16]}", "trainer.max_epochs=8")
+@pytest.mark.parametrize(("sig", "workers"), [(signal.SIGKILL, 1), (signal.SIGTERM, 2)])
+def test_killed_sweep_resumes_without_redoing_its_first_point(
+    tmp_path: Path, sig: signal.Signals, workers: int
+) -> None:
+    args = _args(tmp_path, "sweep.params={model.width: [4, 8, 16]}", "trainer.max_epochs=8", f"sweep.workers={workers}")
     proc = _start(tmp_path, "sweep", *args)
     sweep_dir = tmp_path / "runs" / "tiny" / "sweep_0"
     deadline = time.monotonic() + 300
-    while not ((sweep_dir / "results.csv").is_file() and _rows(sweep_dir)):  # the first point is done
+    # until the first point is in the table (with 2 workers, another one may be too)
+    while not ((sweep_dir / "results.csv").is_file() and any(r["width"] == "4" for r in _rows(sweep_dir))):
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "sweep.out").read_text()
         time.sleep(0.05)
     proc.send_signal(sig)
     rc, out = _wait(proc, tmp_path, "sweep")
     assert rc == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM), out
-    if sig == signal.SIGTERM:
+    if sig == signal.SIGTERM:  # every local worker stopped; the table keeps what was done
         assert f"error: sweep stopped by SIGTERM; continue it with: deepnets --resume {sweep_dir}" in out
+        assert 1 <= len(_rows(sweep_dir)) <= 3
     first = sweep_dir / "width=4,seed=0"
     before = (first / "version_0" / "metrics.json").read_text()
 
