@@ -280,6 +280,24 @@ def test_claim_pops_the_queue_in_order_and_never_creates_a_trial(tmp_path: Path)
     assert [t.state.name for t in study.get_trials()] == ["RUNNING"] * 3  # nothing new was created
 
 
+def test_heartbeat_of_a_claimed_trial_reaches_the_storage(tmp_path: Path) -> None:
+    # `_Heartbeat` leans on optuna.storages._heartbeat (private) and Study._storage / Trial._trial_id
+    import sqlite3
+
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    from deepnets.sweep import _Heartbeat, _optuna, open_storage
+
+    optuna = _optuna()
+    optuna.create_study(study_name="s", storage=open_storage(None, tmp_path)).enqueue_trial({})
+    study = optuna.load_study(study_name="s", storage=open_storage(None, tmp_path))
+    assert isinstance(study._storage, BaseHeartbeat) and is_heartbeat_enabled(study._storage)
+    trial = claim(study)
+    _Heartbeat(study._storage, trial._trial_id).stop()
+    beats = sqlite3.connect(tmp_path / "study.db").execute("SELECT trial_id FROM trial_heartbeats").fetchall()
+    assert beats == [(trial._trial_id,)]
+
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
@@ -383,3 +401,19 @@ def test_cli_bad_sweep_is_one_error_line_and_writes_nothing(
     assert err.startswith(f"error: {culprit}"), err
     assert len(err.strip().splitlines()) == 1 and "secret" not in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sweep-worker", "{tmp}/nope"], "{tmp}/nope: no such sweep directory"),
+        (["--sweep-worker", "{tmp}"], "{tmp}: not a sweep directory"),
+        (["--study", "dd/sweep_0"], "--study NAME needs --sweep-worker STORAGE_URL"),
+        (["--sweep-worker", "{tmp}", "model.width=3"], "--sweep-worker takes the sweep's own config"),
+        (["--sweep-worker", "sqlite:///{tmp}/s.db", "--study", "dd/sweep_0"], "--study 'dd/sweep_0': not in sqlite"),
+    ],
+)
+def test_cli_bad_sweep_worker_is_one_error_line(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
+    assert cli_main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message.format(tmp=tmp_path)) and len(err.strip().splitlines()) == 1, err
