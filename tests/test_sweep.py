@@ -343,6 +343,11 @@ def test_cli_resume_with_a_different_config_is_an_error(tmp_path: Path, capsys) 
     sweep_dir, _, _ = create_sweep(load_config("mlp", [*args[2:], "sweep.workers=0"]), verbose=False)
     assert cli_main([*args, "optim.lr=0.3", "--resume", str(sweep_dir)]) == 2
     assert "differs from its sweep.yaml at optim.lr" in capsys.readouterr().err
+    # the same config (sweep.workers may differ: it was 0, create only) continues the newest sweep
+    assert cli_main([*args, "--resume", "last"]) == 0
+    out = capsys.readouterr().out
+    assert f"sweep: resuming {sweep_dir}: 0 runs done, 0 to run again" in out and "sweep: 1/1 runs ok" in out
+    assert _csv(sweep_dir / "results.csv")[0]["status"] == "completed"
 
 
 @pytest.mark.parametrize(
