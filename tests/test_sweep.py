@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import socket
 import subprocess
@@ -422,3 +423,24 @@ def test_cli_bad_sweep_worker_is_one_error_line(tmp_path: Path, capsys, argv: li
     assert cli_main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: " + message.format(tmp=tmp_path)) and len(err.strip().splitlines()) == 1, err
+
+
+def test_local_workers_share_cores_and_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepnets.sweep import _share_machine
+
+    cores = len(os.sched_getaffinity(0))
+    cfg = _cfg(tmp_path, "trainer.accelerator=auto", "trainer.devices=auto")
+    _share_machine(cfg, 0, 1)  # one worker: the config as it is
+    assert (cfg.trainer.threads, cfg.trainer.devices) == ("auto", "auto")
+    # no GPU here: two CUDA devices stand in for a GPU box (the only part of this test that is not real)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    shares = []
+    for slot in range(3):
+        c = _cfg(tmp_path, "trainer.accelerator=auto", "trainer.devices=auto")
+        _share_machine(c, slot, 3)
+        shares.append((c.trainer.threads, c.trainer.devices))
+    assert shares == [(max(1, cores // 3), [0]), (max(1, cores // 3), [1]), (max(1, cores // 3), [0])]
+    c = _cfg(tmp_path, "trainer.accelerator=cpu", "trainer.threads=3")
+    _share_machine(c, 1, 2)  # an explicit thread count and the CPU are the user's choice
+    assert (c.trainer.threads, c.trainer.devices) == (3, 1)
