@@ -785,6 +785,24 @@ def _quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _interrupted_checkpoint(label_dir: Path) -> str | None:
+    """The last.ckpt of the point's newest run if that run was interrupted or killed (no metrics.json) and
+    the checkpoint loads: a run that runs again continues there instead of from scratch."""
+    from deepnets.checkpoint import load_checkpoint
+
+    run_dir = _latest_version(label_dir)
+    if run_dir is None or not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads((run_dir / "metrics.json").read_text()).get("status") != "interrupted":
+            return None
+    try:
+        load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    except UserError:  # written half when the process was killed: start afresh
+        return None
+    return str(run_dir / "checkpoints" / "last.ckpt")
+
+
 def _finish(sw: Sweep, trial: Any, row: dict[str, Any], value: float | None, state: Any) -> None:
     trial.set_user_attr("row", row)
     trial.set_user_attr("status", row["status"])
@@ -824,9 +842,13 @@ def run_trial(sw: Sweep, trial: Any, tag: str, flag: StopFlag, slot: tuple[int, 
         _run_dir_cfg(point, sw)
         print(f"[{tag}] {point.label} ({point.params:,} parameters)", flush=True)
         pruner = _Pruner(trial, sw.cfg.sweep.metric) if sw.cfg.sweep.prune != "none" else None
+        again = trial.user_attrs.get("retry") or "failed_trial" in trial.system_attrs
+        ckpt = _interrupted_checkpoint(Path(point.cfg.output_dir) / point.cfg.name) if again else None
+        if ckpt is not None:
+            print(f"[{tag}]     continuing from {ckpt}", flush=True)
         try:
             with _quiet_lightning():
-                r = train(point.cfg, callbacks=[pruner] if pruner else [])
+                r = train(point.cfg, resume=ckpt, callbacks=[pruner] if pruner else [])
         except UserError as e:
             run_dir = _latest_version(Path(point.cfg.output_dir) / point.cfg.name)
             _finish(sw, trial, _row(point, sw, run_dir, "failed", str(e)), None, TrialState.FAIL)
@@ -1020,7 +1042,7 @@ def requeue_unfinished(sw: Sweep) -> int:
                 sw.storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
         last = max(ts, key=lambda t: t.number)
         attrs = {k: last.user_attrs[k] for k in ("index", "point", "seed", "siblings") if k in last.user_attrs}
-        sw.study.enqueue_trial(dict(last.params), user_attrs=attrs)
+        sw.study.enqueue_trial(dict(last.params), user_attrs={**attrs, "retry": True})
         n += 1
     return n
 

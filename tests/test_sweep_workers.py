@@ -104,6 +104,8 @@ def test_killed_sweep_resumes_without_redoing_its_first_point(
     tmp_path: Path, sig: signal.Signals, workers: int
 ) -> None:
     args = _args(tmp_path, "sweep.params={model.width: [4, 8, 16]}", "trainer.max_epochs=8", f"sweep.workers={workers}")
+    if sig == signal.SIGTERM:
+        args.append("checkpoint.enabled=true")  # an interrupted run continues from its last.ckpt
     proc = _start(tmp_path, "sweep", *args)
     sweep_dir = tmp_path / "runs" / "tiny" / "sweep_0"
     deadline = time.monotonic() + 300
@@ -119,6 +121,13 @@ def test_killed_sweep_resumes_without_redoing_its_first_point(
         assert 1 <= len(_rows(sweep_dir)) <= 3
     first = sweep_dir / "width=4,seed=0"
     before = (first / "version_0" / "metrics.json").read_text()
+    stopped = [
+        d
+        for d in sweep_dir.glob("*/version_*")
+        if (d / "checkpoints" / "last.ckpt").is_file()
+        and json.loads((d / "metrics.json").read_text())["status"] == "interrupted"
+    ]
+    assert sig == signal.SIGTERM or not stopped
 
     rc, out = _wait(_start(tmp_path, "resume", "--resume", str(sweep_dir)), tmp_path, "resume")
     assert rc == 0, out
@@ -131,6 +140,10 @@ def test_killed_sweep_resumes_without_redoing_its_first_point(
     for r in rows:  # the table points at each run's newest directory: the one that completed
         versions = sorted(p.name for p in (sweep_dir / r["run_dir"]).parent.iterdir())
         assert r["run_dir"].endswith(versions[-1])
+    for d in stopped:  # interrupted with a checkpoint: continued in its own directory, not started again
+        info = json.loads((d / "metrics.json").read_text())
+        assert info["status"] == "completed" and info["resumed_from"] == str(d / "checkpoints" / "last.ckpt")
+        assert str(d.relative_to(sweep_dir)) in [r["run_dir"] for r in rows]
 
 
 # ---------------------------------------------------------------- workers joining one storage
