@@ -842,7 +842,9 @@ def run_trial(sw: Sweep, trial: Any, tag: str, flag: StopFlag, slot: tuple[int, 
         _run_dir_cfg(point, sw)
         print(f"[{tag}] {point.label} ({point.params:,} parameters)", flush=True)
         pruner = _Pruner(trial, sw.cfg.sweep.metric) if sw.cfg.sweep.prune != "none" else None
-        again = trial.user_attrs.get("retry") or "failed_trial" in trial.system_attrs
+        # enqueued again by a resume (retry) or by Optuna's stale-heartbeat callback (failed_trial)
+        frozen = sw.storage.get_trial(trial._trial_id)
+        again = frozen.user_attrs.get("retry") or "failed_trial" in frozen.system_attrs
         ckpt = _interrupted_checkpoint(Path(point.cfg.output_dir) / point.cfg.name) if again else None
         if ckpt is not None:
             print(f"[{tag}]     continuing from {ckpt}", flush=True)
