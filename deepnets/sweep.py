@@ -837,7 +837,15 @@ def run_trial(sw: Sweep, trial: Any, tag: str, flag: StopFlag, slot: tuple[int, 
     trial.set_user_attr("started", time.time())
     heartbeat = _Heartbeat(sw.storage, trial._trial_id)
     try:
-        point = _point_of(trial, sw)
+        try:
+            point = _point_of(trial, sw)
+        except UserError as e:  # a sampled combination the config rejects: this point fails, the sweep goes on
+            a, short, params = trial.user_attrs, _short_names(list(sw.space)), trial.params
+            values = {short[k]: _decode(spec, params[k]) for k, spec in sw.space.items() if k in params}
+            row = {"point": a["point"], **values, "seed": a["seed"], "status": "failed", "error": str(e)}
+            _finish(sw, trial, row, None, TrialState.FAIL)
+            print(f"[{tag}] point {a['point']}, seed {a['seed']}: failed: {e}", file=sys.stderr, flush=True)
+            return row
         _share_machine(point.cfg, *slot)
         _run_dir_cfg(point, sw)
         print(f"[{tag}] {point.label} ({point.params:,} parameters)", flush=True)
@@ -925,7 +933,8 @@ def _replace_into(write: Any, target: Path) -> None:
     """Write through a temporary file and rename: several workers may rewrite the same table."""
     tmp = target.with_name(f".{target.stem}.{os.getpid()}{target.suffix}")
     write(tmp)
-    os.replace(tmp, target)
+    if tmp.exists():  # nothing to draw (no run reported the metric yet): nothing written
+        os.replace(tmp, target)
 
 
 def write_report(sw: Sweep, plot: bool = True) -> list[dict[str, Any]]:

@@ -444,3 +444,53 @@ def test_local_workers_share_cores_and_gpus(tmp_path: Path, monkeypatch: pytest.
     c = _cfg(tmp_path, "trainer.accelerator=cpu", "trainer.threads=3")
     _share_machine(c, 1, 2)  # an explicit thread count and the CPU are the user's choice
     assert (c.trainer.threads, c.trainer.devices) == (3, 1)
+
+
+def test_sampled_point_the_model_rejects_fails_alone(tmp_path: Path) -> None:
+    # each choice is a valid config value, but resnet cannot take this 1-D data: those points fail, the rest run
+    cfg = _cfg(tmp_path, "sweep.search=random", "sweep.params={model.arch: [mlp, resnet]}", "sweep.trials=4",
+               "sweep.sampler_seed=1")  # fmt: skip
+    res = sweep(cfg, verbose=False)
+    by_status = {r["status"] for r in res.rows}
+    assert len(res.rows) == 4 and by_status == {"completed", "failed"}, res.rows
+    for r in res.rows:
+        failed = r["status"] == "failed"
+        assert failed == (r["arch"] == "resnet") == ("resnet needs image inputs" in r.get("error", "")), r
+    assert not res.ok
+
+
+def test_interrupted_run_continues_from_its_checkpoint_on_resume(tmp_path: Path, monkeypatch) -> None:
+    import signal
+
+    import lightning as L
+
+    import deepnets.run
+
+    class SigtermAtStep3(L.Callback):  # a real SIGTERM to this process, taken by the run's own handler
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    real_train, resumes = deepnets.run.train, []
+
+    def train(cfg, resume=None, callbacks=()):
+        resumes.append(resume)
+        extra = [SigtermAtStep3()] if len(resumes) == 1 else []
+        return real_train(cfg, resume=resume, callbacks=[*callbacks, *extra])
+
+    monkeypatch.setattr(deepnets.run, "train", train)
+    cfg = _cfg(tmp_path, "sweep.params={model.width: [4, 8]}", "checkpoint.enabled=true", "trainer.max_steps=6")
+    first = sweep(cfg, verbose=False)
+    assert first.signum == signal.SIGTERM and not first.ok  # the sweep stopped with its run
+    assert [r["status"] for r in first.rows] == ["interrupted"]
+    run_dir = first.sweep_dir / first.rows[0]["run_dir"]
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 4  # the step after the signal
+
+    res = resume(first.sweep_dir, verbose=False)
+    assert res.ok and [r["status"] for r in res.rows] == ["completed", "completed"]
+    ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    # the run still waiting went first (the queue is FIFO), then the interrupted one went on from its last.ckpt
+    assert resumes == [None, None, ckpt]
+    info = json.loads((run_dir / "metrics.json").read_text())
+    assert (info["status"], info["steps"], info["resumed_from"]) == ("completed", 6, ckpt)
+    assert res.rows[0]["run_dir"] == first.rows[0]["run_dir"] and int(res.rows[0]["steps"]) == 6
