@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from deepnets import console
@@ -38,7 +39,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="config file, or a name in configs/ (with or without .yaml)")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config values (YAML scalars)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--resume", metavar="last|PATH", help="continue from the run's newest last.ckpt, or a checkpoint")
+    p.add_argument(
+        "--resume", metavar="last|PATH", help="continue from the run's newest last.ckpt, a checkpoint, or a SWEEP_DIR"
+    )
+    p.add_argument(
+        "--sweep-worker", metavar="SWEEP_DIR|STORAGE_URL", help="join an existing sweep as one more worker and exit"
+    )
+    p.add_argument("--study", metavar="NAME", help="with --sweep-worker STORAGE_URL: the sweep's study name")
     p.add_argument("--export", metavar="RUN_DIR", help="write RUN_DIR/export/{model.safetensors,config.yaml} and exit")
     p.add_argument("--evaluate", metavar="EXPORT_DIR", help="test an exported model (no pickle involved) and exit")
     return p
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from deepnets.config import load_config, to_yaml
+    from deepnets.config import SweepConfig, load_config, to_yaml
 
     for flag in ("resume", "export", "evaluate"):  # `--resume=~/x` reaches us unexpanded by the shell
         value = getattr(args, flag)
@@ -70,19 +77,33 @@ def _main(args: argparse.Namespace) -> int:
         if args.evaluate:
             print(" ".join(f"{k}={v:.4f}" for k, v in evaluate(args.evaluate).items()))
         return 0
+    if args.sweep_worker or args.study:
+        from deepnets.sweep import worker_command
+
+        if args.sweep_worker is None:
+            raise UserError("--study NAME needs --sweep-worker STORAGE_URL")
+        if args.config or args.overrides:
+            raise UserError("--sweep-worker takes the sweep's own config; drop --config and overrides")
+        return worker_command(args.sweep_worker, args.study)
+    if args.resume and (Path(args.resume) / "sweep.yaml").is_file():  # a sweep directory
+        from deepnets.sweep import resume_command
+
+        # overrides alone apply to the sweep's own config (only sweep.workers may change on resume)
+        own = args.config or (str(Path(args.resume) / "sweep.yaml") if args.overrides else None)
+        cfg = load_config(own, args.overrides) if own else None
+        return resume_command(args.resume, cfg)
     if args.config is None:
         raise UserError("--config is required (e.g. --config mlp.yaml; shipped configs live in configs/)")
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    if cfg.sweep.params:
+    if cfg.sweep != SweepConfig():
         from deepnets.config import check_runtime
-        from deepnets.sweep import run_sweep
+        from deepnets.sweep import resume_command, sweep_command
 
         check_runtime(cfg)  # before the sweep directory exists (train() checks each point again)
-
-        return 0 if run_sweep(cfg) else EXIT_FAILED
+        return resume_command(args.resume, cfg) if args.resume else sweep_command(cfg)
 
     from deepnets.run import train
 

@@ -283,10 +283,22 @@ class LoggingConfig:
 
 @dataclass
 class SweepConfig:
-    params: dict[str, list[Any]] = _f({}, "dotted key -> list of values; the grid is their product")
-    seeds: list[int] = _f([0], "seeds run for every grid point")
-    metric: str = _f("test/acc", "metric plotted against the first swept key")
+    search: Literal["grid", "random", "tpe"] = _f(
+        "grid", "grid: every combination; random / tpe: Optuna's RandomSampler / TPESampler over params"
+    )
+    params: dict[str, list[Any] | dict[str, Any]] = _f(
+        {}, "dotted key -> list of values (grid values, or random/tpe choices) or {low, high, log} (random/tpe)"
+    )
+    trials: int | None = _f(None, "random/tpe: points sampled (each runs every seed)", ge=1)
+    seeds: list[int] = _f([0], "seeds run for every point")
+    sampler_seed: int | None = _f(None, "random/tpe: sampler seed (the same trial list again, with workers: 1)")
+    metric: str = _f("test/acc", "metric plotted against the first swept key; what tpe optimises")
     x_key: str | None = _f(None, "key on the plot's x axis (null = first of params)")
+    workers: int = _f(1, "local worker processes (cores // workers threads, one GPU each; 0: create only)", ge=0)
+    storage: str | None = _f(
+        None, "Optuna storage: null = SQLite in the sweep dir; an SQLAlchemy URL or a journal file path (shared)"
+    )
+    prune: Literal["none", "median"] = _f("none", "median: Optuna's MedianPruner on the metric's val counterpart")
 
 
 @dataclass
