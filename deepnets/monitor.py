@@ -46,11 +46,13 @@ _EVENTS_PER_BURST = 8
 # first-layer / last-layer gradient norm, and its log10 (readable on TensorBoard's linear axis)
 RATIO_TAGS = ("grad_norm/global", "grad_norm/first_over_last", "grad_norm/log10_first_over_last")
 
-# The figures are drawn for TensorBoard's image card (about 400 px wide at its default size):
-# FONT_PT text on a FIGURE_WIDTH_IN figure stays >= 9 pt when the card shrinks it to that width.
+# The figures are drawn for TensorBoard's image card, which shows an image TB_CARD_PX wide by
+# default (measured in headless Chromium on TensorBoard 2.21, scripts/tb_screenshots.py): text of
+# FONT_PT - 1 points on a FIGURE_WIDTH_IN figure is >= 12 px (9 pt) there.
+TB_CARD_PX = 350
 FIGURE_WIDTH_IN = 4.4
 FIGURE_DPI = 150
-FONT_PT = 10
+FONT_PT = 12
 
 
 class GradientFlowWarning(UserWarning):
@@ -352,7 +354,7 @@ class GradientFlowMonitor(L.Callback):
         ax = fig.subplots()
         grad = np.asarray(self._grad, dtype=np.float64)  # (n_logs, n_layers)
         draw_heatmap(fig, ax, self.layer_names, self._steps, grad, self.heatmap_range)
-        ax.set_title(f"{self.title or 'gradient flow'}\nlog10 ||dL/dW||, step {step}", fontsize=FONT_PT)
+        fig.suptitle(f"{self.title or 'gradient flow'} (step {step})", fontsize=FONT_PT)
         self._writer.add_image("gradient_flow/heatmap", render(fig)[..., :3], step, dataformats="HWC")
 
     # ------------------------------------------------------------ the end
@@ -396,9 +398,8 @@ class GradientFlowMonitor(L.Callback):
         n = len(h.layer_names)
         fig = Figure(figsize=(FIGURE_WIDTH_IN, _heatmap_height(n) + 4.3), dpi=FIGURE_DPI, layout="constrained")
         ax1, ax2 = fig.subplots(2, 1, height_ratios=[_heatmap_height(n) + 0.3, 3.0])
-        fig.suptitle(self.title or "gradient flow", fontsize=FONT_PT + 1)
+        fig.suptitle(self.title or "gradient flow", fontsize=FONT_PT)
         draw_heatmap(fig, ax1, h.layer_names, h.steps, h.grad_norm.numpy(), self.heatmap_range)
-        ax1.set_title("log10 ||dL/dW|| per layer over training", fontsize=FONT_PT)
         draw_depth(ax2, h.layer_names, h.steps, h.grad_norm.numpy())
         return fig
 
@@ -529,7 +530,7 @@ def describe_model(model: Any) -> str:
 def _default_title(run_dir: Path | None, hparams: Any) -> str:
     run = f"{run_dir.parent.name}/{run_dir.name}" if run_dir is not None else str(hparams.get("name", "") or "")
     arch = describe_model(hparams.get("model")) if hasattr(hparams, "get") else ""
-    return " - ".join(p for p in (run, arch) if p) or "gradient flow"
+    return "\n".join(p for p in (run, arch) if p) or "gradient flow"  # two lines: the card is narrow
 
 
 def _heatmap_height(n_layers: int) -> float:
@@ -537,7 +538,7 @@ def _heatmap_height(n_layers: int) -> float:
     return min(5.0, max(2.0, 0.14 * n_layers + 0.8))
 
 
-def _short(name: str, most: int = 16) -> str:
+def _short(name: str, most: int = 13) -> str:
     return name if len(name) <= most else "…" + name[-(most - 1) :]
 
 
@@ -590,8 +591,11 @@ def draw_heatmap(
         extent=(x0, x1, n - 0.5, -0.5),
     )
     ax.set_facecolor("white")
-    bar = fig.colorbar(im, ax=ax, extend="both" if vrange is not None else "neither", pad=0.02, fraction=0.06)
+    # on top, horizontal: at TensorBoard's image width every column counts
+    bar = fig.colorbar(im, ax=ax, location="top", extend="both" if vrange is not None else "neither", aspect=30)
     bar.ax.tick_params(labelsize=FONT_PT - 1)
+    fixed = f"fixed {vmin:g}..{vmax:g}" if vrange is not None else "this run's range"
+    bar.set_label(f"log10 ||dL/dW||, {fixed}", fontsize=FONT_PT - 1)
     handles = []
     for mask, style, label in (
         (g == 0, {"facecolor": "white", "edgecolor": "0.35", "hatch": "////"}, "exactly 0"),
@@ -613,7 +617,7 @@ def draw_heatmap(
         ax.legend(  # below the step axis: the data stays uncovered
             handles=handles,
             loc="upper center",
-            bbox_to_anchor=(0.5, -0.22),
+            bbox_to_anchor=(0.5, -0.3),
             ncols=len(handles),
             fontsize=FONT_PT - 1,
             frameon=False,
@@ -626,8 +630,8 @@ def draw_heatmap(
     ax.set_yticks(ticks, [f"{i:0{width}d} {_short(names[i])}" for i in ticks], fontsize=FONT_PT - 1)
     ax.tick_params(axis="x", labelsize=FONT_PT - 1)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
-    ax.set_xlabel("optimizer step", fontsize=FONT_PT)
-    ax.set_ylabel("layer (input at the top)", fontsize=FONT_PT)
+    ax.set_xlabel("optimizer step", fontsize=FONT_PT - 1)
+    ax.set_ylabel("layer (input on top)", fontsize=FONT_PT - 1)
 
 
 def first_nonzero_row(grad: np.ndarray) -> int:
@@ -651,16 +655,16 @@ def draw_depth(ax: Any, names: list[str], steps: list[int], grad: np.ndarray) ->
         y[~(np.isfinite(y) & (y > 0))] = np.nan
         label = f"step {steps[row]}"
         if row == first and first > 0:
-            label += " (first without exact zeros)"
+            label += " (first non-zero)"
         if zeros:
             label += f"; {zeros} layer(s) exactly 0, not drawn"
         ax.semilogy(np.arange(n), y, style, ms=3, label=label)
     ratio = lambda r: g[r, 0] / g[r, -1] if g[r, -1] > 0 else math.nan  # noqa: E731
-    ax.set_title(f"||dL/dW|| vs depth; first/last layer {ratio(first):.2g} -> {ratio(last):.2g}", fontsize=FONT_PT)
+    ax.set_title(f"vs depth; first/last {ratio(first):.2g} -> {ratio(last):.2g}", fontsize=FONT_PT - 1)
     ticks = _thin(n, 14)
     ax.set_xticks(ticks, [str(i) for i in ticks], fontsize=FONT_PT - 1)
     ax.tick_params(axis="y", labelsize=FONT_PT - 1)
-    ax.set_xlabel(f"layer index (0 = {_short(names[0])}, {n - 1} = {_short(names[-1])})", fontsize=FONT_PT)
-    ax.set_ylabel("||dL/dW|| (log)", fontsize=FONT_PT)
+    ax.set_xlabel(f"layer (0 = {_short(names[0])} ... {n - 1} = {_short(names[-1])})", fontsize=FONT_PT - 1)
+    ax.set_ylabel("||dL/dW||", fontsize=FONT_PT - 1)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=FONT_PT - 1, loc="upper center", bbox_to_anchor=(0.5, -0.24), frameon=False)
