@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import warnings
@@ -441,16 +442,59 @@ def test_history_and_warnings_survive_checkpoint_resume(tmp_path: Path) -> None:
 def test_vanishing_experiment_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from deepnets.experiments.vanishing import main
 
-    argv = ["--quick", "--out", str(tmp_path), "--archs", "mlp sigmoid,resmlp", "--steps", "10"]
-    assert main(argv) == 0
+    archs = "mlp sigmoid,mlp sigmoid + bn,resmlp"
+    assert main(["--quick", "--out", str(tmp_path), "--archs", archs, "--steps", "12", "--depth", "8"]) == 0
     out = capsys.readouterr().out
     (run_dir,) = (tmp_path / "vanishing").glob("version_*")
     assert (run_dir / "grad_norm_vs_depth.png").is_file()
-    assert (run_dir / "mlp_sigmoid" / "gradient_flow.png").is_file()
+    for name in ("mlp_sigmoid", "mlp_sigmoid_bn", "resmlp_relu"):  # ordinary run directories
+        assert (run_dir / name / "version_0" / "gradient_flow.png").is_file()
+        assert (run_dir / name / "version_0" / "metrics.json").is_file()
     table = (run_dir / "ratios.md").read_text()
     assert table in out
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
-    assert "| yes |" in rows["mlp sigmoid"] and "| no |" in rows["resmlp relu"]
+    header = [c.strip() for c in table.splitlines()[0].split("|")[1:-1]]
+    rows = {
+        cells[0]: dict(zip(header, cells, strict=True))
+        for line in table.splitlines()[2:]
+        for cells in [[c.strip() for c in line.split("|")[1:-1]]]
+    }
+    assert list(rows) == ["mlp sigmoid", "mlp sigmoid + bn", "resmlp relu"]
+    assert rows["mlp sigmoid"]["vanishing warning"] == "yes" and rows["resmlp relu"]["vanishing warning"] == "no"
+    # BatchNorm keeps the sigmoid net's gradient from vanishing
+    assert float(rows["mlp sigmoid + bn"]["first/last @ step 0"]) > 1e3 * float(
+        rows["mlp sigmoid"]["first/last @ step 0"]
+    )
+    # sigmoid outputs are never exactly 0; ReLU's are, often
+    assert float(rows["mlp sigmoid"]["zero activations (test)"]) == 0.0
+    assert float(rows["resmlp relu"]["zero activations (test)"]) > 0.1
+    recorded = json.loads((run_dir / "resmlp_relu" / "version_0" / "metrics.json").read_text())
+    assert float(rows["resmlp relu"]["test/acc"]) == pytest.approx(recorded["metrics"]["test/acc"], abs=5e-4)
+
+
+def test_zero_activation_fraction_equals_a_hand_count() -> None:
+    """The model applied by hand, layer by layer, with a batch size that leaves a smaller last batch."""
+    from deepnets.experiments.vanishing import zero_activation_fraction
+
+    net = mlp(depth=3, batch_norm=True).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-trivial running statistics
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(103, D)
+    zeros = total = 0
+    h = x
+    with torch.no_grad():
+        for block in net.layers:  # Linear -> BatchNorm -> ReLU per hidden layer
+            for layer in block:
+                h = layer(h)
+                if isinstance(layer, nn.ReLU):
+                    zeros += int((h == 0).sum())
+                    total += h.numel()
+    assert total == 103 * 32 * 3
+    assert zero_activation_fraction(net.train(), x, batch_size=25) == zeros / total
+    assert net.training  # left as it was
 
 
 def test_dense_events_reach_tensorboard_in_bursts_sparse_ones_at_once(monkeypatch) -> None:
