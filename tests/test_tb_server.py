@@ -24,7 +24,8 @@ from deepnets.hparams import LAYOUT, METRICS, STATUS_CODES
 from deepnets.run import train
 from tests.conftest import tiny_config
 
-pytestmark = pytest.mark.slow  # two training runs and a TensorBoard server: ~30-40 s on 2 busy cores
+# The server tests share one module fixture (two training runs and a TensorBoard server: ~45 s on
+# 2 busy cores): marked slow. The event-level checks below them run in the default suite.
 
 COMMON = [
     "logging.grad_norm_every_n_steps=2",
@@ -98,6 +99,7 @@ def _run_name(run_dir: Path) -> str:
     return f"{run_dir.parent.name}/{run_dir.name}"
 
 
+@pytest.mark.slow
 def test_plugins_active(server: tuple[str, dict[str, Path]]) -> None:
     base, _ = server
     listing = _get(base, "/data/plugins_listing")
@@ -105,6 +107,7 @@ def test_plugins_active(server: tuple[str, dict[str, Path]]) -> None:
         assert listing[plugin]["enabled"], plugin
 
 
+@pytest.mark.slow
 def test_one_chart_per_metric_matching_both_runs_and_nothing_else(server: tuple[str, dict[str, Path]]) -> None:
     base, run_dirs = server
     layout = _get(base, "/data/plugin/custom_scalars/layout")
@@ -138,6 +141,7 @@ def test_one_chart_per_metric_matching_both_runs_and_nothing_else(server: tuple[
         assert all(t == "epoch" or t.startswith(("final/", "test/")) for t in unclaimed), unclaimed
 
 
+@pytest.mark.slow
 def test_first_over_last_is_the_ratio_of_the_logged_layer_norms(server: tuple[str, dict[str, Path]]) -> None:
     base, run_dirs = server
     for run_dir in run_dirs.values():
@@ -157,6 +161,7 @@ def test_first_over_last_is_the_ratio_of_the_logged_layer_norms(server: tuple[st
                 assert first[step] == 0 or r != r
 
 
+@pytest.mark.slow
 def test_hparams_lists_both_runs_with_their_values(server: tuple[str, dict[str, Path]]) -> None:
     base, run_dirs = server
     experiment = _get(base, "/data/plugin/hparams/experiment", {"experimentName": ""})
@@ -200,3 +205,102 @@ def _model(run_dir: Path) -> Any:
     cfg = load_config(str(run_dir / "config.yaml"))
     shape = tuple(cfg.data.input_shape)
     return build_model(cfg.to_dict()["model"], shape, cfg.data.num_classes)
+
+
+# ---------------------------------------------------------------- event-level checks (no server: fast)
+
+
+def _acc(run_dir: Path) -> Any:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def _session_end_status(acc: Any) -> int:
+    from tensorboard.plugins.hparams import metadata
+
+    content = acc.SummaryMetadata(metadata.SESSION_END_INFO_TAG).plugin_data.content
+    return metadata.parse_session_end_info_plugin_data(content).status
+
+
+def test_layout_and_experiment_are_the_same_bytes_in_every_run(tmp_path: Path) -> None:
+    from tensorboard.plugins.hparams import metadata
+
+    configs = [["name=a"], ["name=b", "model.arch=resmlp", "logging.weight_norms=true", "trainer.test=false"]]
+    accs = []
+    for overrides in configs:
+        result = train(tiny_config(tmp_path, "trainer.max_epochs=1", "checkpoint.enabled=false", *overrides))
+        accs.append(_acc(result.run_dir))
+    layouts = [a.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0] for a in accs]
+    assert layouts[0] == layouts[1]
+    experiments = [a.SummaryMetadata(metadata.EXPERIMENT_TAG).plugin_data.content for a in accs]
+    assert experiments[0] == experiments[1]
+
+
+def test_final_metrics_written_however_the_run_ends(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    import lightning as L
+    from tensorboard.plugins.hparams import api_pb2
+
+    class SigtermAt(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # LastCheckpoint turns it into a clean stop
+
+    cases = {
+        "diverged": (["optim.lr=1e30"], ()),
+        "interrupted": ([], (SigtermAt(),)),
+        "untested": (["trainer.test=false"], ()),
+    }
+    for name, (overrides, callbacks) in cases.items():
+        cfg = tiny_config(tmp_path, f"name={name}", "checkpoint.enabled=false", *overrides)
+        result = train(cfg, callbacks=callbacks)
+        recorded = json.loads((result.run_dir / "metrics.json").read_text())
+        acc = _acc(result.run_dir)
+        final = {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"] if t.startswith("final/")}
+        expected_status = {"untested": "completed"}.get(name, name)
+        assert recorded["status"] == result.status == expected_status
+        assert final["final/status"] == STATUS_CODES[expected_status]
+        ok = expected_status == "completed"
+        assert _session_end_status(acc) == (api_pb2.STATUS_SUCCESS if ok else api_pb2.STATUS_FAILURE)
+        assert not any(t.startswith("final/test/") for t in final)  # no test ran
+        for key in ("val/acc", "val/loss"):  # what the run had when it ended, as metrics.json says
+            if key in recorded["metrics"] and isinstance(recorded["metrics"][key], float):
+                assert final[f"final/{key}"] == pytest.approx(recorded["metrics"][key], rel=1e-6)
+            else:
+                assert f"final/{key}" not in final
+        assert final["final/parameters"] == sum(p.numel() for p in result.model.parameters())
+
+
+def test_hyperparameters_are_every_config_key_but_plumbing() -> None:
+    import dataclasses
+
+    from deepnets.config import Config
+    from deepnets.hparams import _PLUMBING, _PLUMBING_SECTIONS, hparams
+
+    def leaves(d: dict[str, Any], prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in d.items():
+            out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "params" else {f"{prefix}{k}"}
+        return out
+
+    cfg = dataclasses.replace(Config(), seed=7)
+    hp = hparams(cfg)
+    everything = leaves(cfg.to_dict())
+    kept = {k for k in everything if k not in _PLUMBING and not k.startswith(_PLUMBING_SECTIONS)}
+    assert set(hp) <= kept
+    assert kept - set(hp) == {k for k in kept if cfg_value_is_null(cfg, k) and k not in hp}  # only nulls left out
+    assert hp["seed"] == 7.0 and hp["model.arch"] == "mlp" and hp["optim.betas"] == "[0.9, 0.999]"
+    assert hp["model.batch_norm"] is False and hp["model.width"] == "null"  # int | list | None: text
+    assert "data.eval_batch_size" not in hp  # a number that is null in this run: left blank
+
+
+def cfg_value_is_null(cfg: Any, key: str) -> bool:
+    node: Any = cfg.to_dict()
+    for part in key.split("."):
+        node = node[part]
+    return node is None
