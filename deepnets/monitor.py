@@ -123,6 +123,7 @@ class GradientFlowMonitor(L.Callback):
         self._tag_cache: dict[tuple[str, int], tuple[list[str], list[str]]] = {}
         self._scaler = False
         self._last_heatmap = -math.inf
+        self._live: tuple[list[str], _LiveHeatmap] | None = None  # the blitted TensorBoard heatmap
         self._unwritten: list[tuple[Any, int, float]] = []  # (Summary, step, wall time) not yet written
         self._last_write = -math.inf
 
@@ -194,6 +195,8 @@ class GradientFlowMonitor(L.Callback):
             return
         self._resolve(pl_module)  # again: the strategy may have replaced parameters since setup
         self._scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
+        # the first periodic heatmap comes one interval into training (the end always draws one)
+        self._last_heatmap = time.monotonic()
 
     # ------------------------------------------------------------ the hot path
 
@@ -347,15 +350,21 @@ class GradientFlowMonitor(L.Callback):
         self._unwritten.clear()
 
     def _write_heatmap(self, step: int) -> None:
-        from matplotlib.figure import Figure
-
-        n = len(self.layer_names)
-        fig = Figure(figsize=(FIGURE_WIDTH_IN, _heatmap_height(n) + 0.9), dpi=FIGURE_DPI, layout="constrained")
-        ax = fig.subplots()
         grad = np.asarray(self._grad, dtype=np.float64)  # (n_logs, n_layers)
-        draw_heatmap(fig, ax, self.layer_names, self._steps, grad, self.heatmap_range)
-        fig.suptitle(f"{self.title or 'gradient flow'} (step {step})", fontsize=FONT_PT)
-        self._writer.add_image("gradient_flow/heatmap", render(fig)[..., :3], step, dataformats="HWC")
+        title = self.title or "gradient flow"
+        if self.heatmap_range is not None:
+            if self._live is None or self._live[0] != self.layer_names:
+                self._live = (list(self.layer_names), _LiveHeatmap(self.layer_names, self.heatmap_range, title))
+            rgb = self._live[1].update(self._steps, grad)
+        else:  # a per-run colour range changes the colour bar: a fresh figure each time
+            from matplotlib.figure import Figure
+
+            n = len(self.layer_names)
+            fig = Figure(figsize=(FIGURE_WIDTH_IN, _heatmap_height(n) + 1.6), dpi=FIGURE_DPI, layout="constrained")
+            draw_heatmap(fig, fig.subplots(), self.layer_names, self._steps, grad, None, legend_always=True)
+            fig.suptitle(title, fontsize=FONT_PT)
+            rgb = render(fig)[..., :3]
+        self._writer.add_image("gradient_flow/heatmap", rgb, step, dataformats="HWC")
 
     # ------------------------------------------------------------ the end
 
@@ -551,17 +560,14 @@ def render(fig: Any) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba()).copy()
 
 
-def draw_heatmap(
-    fig: Any, ax: Any, names: list[str], steps: list[int], grad: np.ndarray, vrange: tuple[float, float] | None
-) -> None:
-    """Layer x step heatmap of log10 ||dL/dW|| on `ax`: grad is (n_logs, n_layers).
+_ZERO_STYLE = {"facecolor": "white", "edgecolor": "0.35", "hatch": "////"}
+_NONFINITE_STYLE = {"facecolor": "red", "edgecolor": "red"}
 
-    Fixed colour range `vrange` (log10; values outside clip to the ends), or the data's own when None.
-    Exact zeros are hatched, non-finite norms red, each with a legend entry when present."""
-    from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Patch, Rectangle
-    from matplotlib.ticker import MaxNLocator
 
+def _heatmap_data(
+    steps: list[int], grad: np.ndarray, vrange: tuple[float, float] | None
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, float], float, float]:
+    """(g (L, T) norms, z masked log10, extent, vmin, vmax) of a heatmap; long histories subsampled."""
     g = np.asarray(grad, dtype=np.float64).T  # (L, T)
     t_idx = np.arange(g.shape[1])
     if g.shape[1] > _MAX_HEATMAP_COLUMNS:
@@ -579,28 +585,19 @@ def draw_heatmap(
         vmin, vmax = 0.0, 1.0
     s = [steps[i] for i in t_idx]
     half = (s[-1] - s[0]) / (2 * (t - 1)) if t > 1 else 0.5
-    x0, x1 = s[0] - half, s[-1] + half  # cell j centred on s[j]
-    cw = (x1 - x0) / t
-    im = ax.imshow(
-        np.ma.masked_invalid(z),
-        aspect="auto",
-        interpolation="nearest",
-        cmap="viridis",
-        vmin=vmin,
-        vmax=vmax,
-        extent=(x0, x1, n - 0.5, -0.5),
-    )
-    ax.set_facecolor("white")
-    # on top, horizontal: at TensorBoard's image width every column counts
-    bar = fig.colorbar(im, ax=ax, location="top", extend="both" if vrange is not None else "neither", aspect=30)
-    bar.ax.tick_params(labelsize=FONT_PT - 1)
-    fixed = f"fixed {vmin:g}..{vmax:g}" if vrange is not None else "this run's range"
-    bar.set_label(f"log10 ||dL/dW||, {fixed}", fontsize=FONT_PT - 1)
-    handles = []
-    for mask, style, label in (
-        (g == 0, {"facecolor": "white", "edgecolor": "0.35", "hatch": "////"}, "exactly 0"),
-        (~np.isfinite(g), {"facecolor": "red", "edgecolor": "red"}, "non-finite"),
-    ):
+    extent = (s[0] - half, s[-1] + half, n - 0.5, -0.5)  # cell j centred on s[j]
+    return g, np.ma.masked_invalid(z), extent, vmin, vmax
+
+
+def _cell_collections(g: np.ndarray, extent: tuple[float, float, float, float]) -> list[tuple[Any, int, str]]:
+    """(PatchCollection, cell count, label) for the exactly-zero (hatched) and non-finite (red) cells."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    n, t = g.shape
+    x0, cw = extent[0], (extent[1] - extent[0]) / t
+    out = []
+    for mask, style, label in ((g == 0, _ZERO_STYLE, "exactly 0"), (~np.isfinite(g), _NONFINITE_STYLE, "non-finite")):
         if not mask.any():
             continue
         rects = []
@@ -611,8 +608,44 @@ def draw_heatmap(
             breaks = np.flatnonzero(np.diff(cols) > 1)
             for a, b in zip(np.r_[cols[0], cols[breaks + 1]], np.r_[cols[breaks], cols[-1]], strict=True):
                 rects.append(Rectangle((x0 + a * cw, row - 0.5), (b - a + 1) * cw, 1.0))
-        ax.add_collection(PatchCollection(rects, linewidth=0.0, match_original=False, **style))
-        handles.append(Patch(label=f"{label} ({int(mask.sum())} cells)", **style))
+        out.append((PatchCollection(rects, linewidth=0.0, match_original=False, **style), int(mask.sum()), label))
+    return out
+
+
+def draw_heatmap(
+    fig: Any,
+    ax: Any,
+    names: list[str],
+    steps: list[int],
+    grad: np.ndarray,
+    vrange: tuple[float, float] | None,
+    legend_always: bool = False,
+) -> tuple[Any, list[Any]]:
+    """Layer x step heatmap of log10 ||dL/dW|| on `ax`: grad is (n_logs, n_layers).
+
+    Fixed colour range `vrange` (log10; values outside clip to the ends), or the data's own when None.
+    Exact zeros are hatched, non-finite norms red, each with a legend entry when present (always,
+    without counts, with `legend_always`). Returns the image and the cell collections."""
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    g, z, extent, vmin, vmax = _heatmap_data(steps, grad, vrange)
+    n = g.shape[0]
+    im = ax.imshow(z, aspect="auto", interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax, extent=extent)
+    ax.set_facecolor("white")
+    # on top, horizontal: at TensorBoard's image width every column counts
+    bar = fig.colorbar(im, ax=ax, location="top", extend="both" if vrange is not None else "neither", aspect=30)
+    bar.ax.tick_params(labelsize=FONT_PT - 1)
+    fixed = f"fixed {vmin:g}..{vmax:g}" if vrange is not None else "this run's range"
+    bar.set_label(f"log10 ||dL/dW||, {fixed}", fontsize=FONT_PT - 1)
+    cells = _cell_collections(g, extent)
+    for collection, _, _ in cells:
+        ax.add_collection(collection)
+    if legend_always:
+        handles = [Patch(label="exactly 0", **_ZERO_STYLE), Patch(label="non-finite", **_NONFINITE_STYLE)]
+    else:
+        styles = {"exactly 0": _ZERO_STYLE, "non-finite": _NONFINITE_STYLE}
+        handles = [Patch(label=f"{label} ({count} cells)", **styles[label]) for _, count, label in cells]
     if handles:
         ax.legend(  # below the step axis: the data stays uncovered
             handles=handles,
@@ -632,6 +665,54 @@ def draw_heatmap(
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
     ax.set_xlabel("optimizer step", fontsize=FONT_PT - 1)
     ax.set_ylabel("layer (input on top)", fontsize=FONT_PT - 1)
+    return im, [c for c, _, _ in cells]
+
+
+class _LiveHeatmap:
+    """The heatmap TensorBoard gets during training, redrawn by blitting.
+
+    The frame (layer labels, colour bar, titles, legend) is drawn once; each update restores it
+    and redraws only the image, the zero/non-finite cells and the step axis: ~10x cheaper than a
+    fresh figure (~0.4 s on a busy 2-core box). Needs a fixed colour range (a per-run range
+    changes the colour bar: `GradientFlowMonitor` then draws a fresh figure)."""
+
+    def __init__(self, names: list[str], vrange: tuple[float, float], title: str) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        n = len(names)
+        self.fig = Figure(figsize=(FIGURE_WIDTH_IN, _heatmap_height(n) + 1.6), dpi=FIGURE_DPI, layout="constrained")
+        self.canvas = FigureCanvasAgg(self.fig)
+        self.ax = self.fig.subplots()
+        self.fig.suptitle(title, fontsize=FONT_PT)
+        ones = np.ones((2, n))
+        self.im, _ = draw_heatmap(self.fig, self.ax, names, [0, 1], ones, vrange, legend_always=True)
+        self.canvas.draw()  # the layout, once
+        self.fig.set_layout_engine("none")
+        self.vrange = vrange
+        self.im.set_visible(False)
+        self.ax.xaxis.set_visible(False)
+        self.canvas.draw()
+        self.background = self.canvas.copy_from_bbox(self.fig.bbox)
+        self.im.set_visible(True)
+        self.ax.xaxis.set_visible(True)
+        self.cells: list[Any] = []
+
+    def update(self, steps: list[int], grad: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 pixels of the heatmap of `grad` (n_logs, n_layers) at `steps`."""
+        g, z, extent, _, _ = _heatmap_data(steps, grad, self.vrange)
+        self.im.set_data(z)
+        self.im.set_extent(extent)
+        self.ax.set_xlim(extent[0], extent[1])
+        for c in self.cells:
+            c.remove()
+        self.cells = [c for c, _, _ in _cell_collections(g, extent)]
+        for c in self.cells:
+            self.ax.add_collection(c)
+        self.canvas.restore_region(self.background)
+        for artist in (self.im, *self.cells, self.ax.xaxis, *self.ax.spines.values()):
+            self.ax.draw_artist(artist)
+        return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
 
 
 def first_nonzero_row(grad: np.ndarray) -> int:
@@ -645,6 +726,8 @@ def first_nonzero_row(grad: np.ndarray) -> int:
 
 def draw_depth(ax: Any, names: list[str], steps: list[int], grad: np.ndarray) -> None:
     """Gradient norm vs depth (log y) at the first non-zero and the last logged step."""
+    from matplotlib.ticker import MaxNLocator
+
     g = np.asarray(grad, dtype=np.float64)  # (T, L)
     n = g.shape[1]
     first, last = first_nonzero_row(g), g.shape[0] - 1
@@ -661,8 +744,9 @@ def draw_depth(ax: Any, names: list[str], steps: list[int], grad: np.ndarray) ->
         ax.semilogy(np.arange(n), y, style, ms=3, label=label)
     ratio = lambda r: g[r, 0] / g[r, -1] if g[r, -1] > 0 else math.nan  # noqa: E731
     ax.set_title(f"vs depth; first/last {ratio(first):.2g} -> {ratio(last):.2g}", fontsize=FONT_PT - 1)
-    ticks = _thin(n, 14)
-    ax.set_xticks(ticks, [str(i) for i in ticks], fontsize=FONT_PT - 1)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))  # evenly spaced, never crowded
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.tick_params(axis="x", labelsize=FONT_PT - 1)
     ax.tick_params(axis="y", labelsize=FONT_PT - 1)
     ax.set_xlabel(f"layer (0 = {_short(names[0])} ... {n - 1} = {_short(names[-1])})", fontsize=FONT_PT - 1)
     ax.set_ylabel("||dL/dW||", fontsize=FONT_PT - 1)

@@ -268,10 +268,28 @@ def test_heatmap_in_a_run_shorter_than_heatmap_every_n_logs(tmp_path: Path) -> N
 
 
 def test_heatmap_images_are_at_least_thirty_seconds_apart(tmp_path: Path) -> None:
-    """Logging every step would otherwise draw a labelled heatmap every heatmap_every_n_logs steps."""
+    """Logging every step would otherwise draw a labelled heatmap every heatmap_every_n_logs steps.
+
+    The first periodic one comes 30 s into training: a run of a second or two gets only the end's."""
     mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1, heatmap_every_n_logs=2), tmp_path / "run")
-    fit(Tiny(mlp(depth=3)), mon, tmp_path, steps=12)  # a second or two: one at the 2nd event, one at the end
-    assert [e.step for e in _events(tmp_path).Images("gradient_flow/heatmap")] == [1, 11]
+    fit(Tiny(mlp(depth=3)), mon, tmp_path, steps=12)
+    assert [e.step for e in _events(tmp_path).Images("gradient_flow/heatmap")] == [11]
+
+
+def test_live_heatmap_equals_a_fresh_drawing() -> None:
+    """The blitted TensorBoard heatmap shows the same image as one drawn from scratch."""
+    from deepnets.monitor import _LiveHeatmap
+
+    names = ["a", "b", "c"]
+    g = np.array([[0.0, 1e-3, 1.0], [1e-9, 1e-2, 2.0], [1e-8, math.nan, 3.0]])
+    live = _LiveHeatmap(names, (-12.0, 1.0), "t")
+    live.update([0, 5], g[:2])  # an earlier, shorter history first: nothing of it may remain
+    live.update([0, 5, 10], g)
+    np.testing.assert_array_equal(live.im.get_array().mask, ~np.isfinite(np.log10(g.T)) | (g.T == 0))
+    np.testing.assert_allclose(live.im.get_array().compressed(), np.log10(g.T[(g.T > 0) & np.isfinite(g.T)]))
+    assert live.im.get_extent() == [-2.5, 12.5, 2.5, -0.5]
+    assert [len(c.get_paths()) for c in live.cells] == [1, 1]  # one zero cell, one non-finite cell
+    assert live.im.get_clim() == (-12.0, 1.0)
 
 
 def _dead_head_net() -> nn.Module:
