@@ -97,9 +97,10 @@ class GradientFlowMonitor(L.Callback):
     (gradients are already all-reduced at `on_before_optimizer_step`).
     """
 
-    # A labelled heatmap image costs ~50-100 ms (matplotlib draw + PNG encoding); logging every step
-    # would draw one every `heatmap_every_n_logs` steps. TensorBoard's page reloads every 30 s, so
-    # one every 30 s is as live as the page, and the end of training always draws the last one.
+    # A labelled heatmap costs ~0.1-0.2 s to redraw (matplotlib; its frame ~0.5-3 s once per run),
+    # too much for the step hooks: it is drawn at epoch ends, when `heatmap_every_n_logs` log events
+    # have passed since the last one, at most every 30 s (TensorBoard's page reloads every 30 s), and
+    # always at the end of training.
     heatmap_min_interval_s = 30.0
 
     def __init__(self, cfg: LoggingConfig, run_dir: Path | str | None = None, title: str | None = None) -> None:
@@ -123,6 +124,7 @@ class GradientFlowMonitor(L.Callback):
         self._tag_cache: dict[tuple[str, int], tuple[list[str], list[str]]] = {}
         self._scaler = False
         self._last_heatmap = -math.inf
+        self._heatmap_logs, self._heatmap_step = 0, -1  # log events and step of the last heatmap
         self._live: tuple[list[str], _LiveHeatmap] | None = None  # the blitted TensorBoard heatmap
         self._unwritten: list[tuple[Any, int, float]] = []  # (Summary, step, wall time) not yet written
         self._last_write = -math.inf
@@ -258,11 +260,6 @@ class GradientFlowMonitor(L.Callback):
         self._check(step, grad, glob)
         if self._writer is not None:
             self._log_scalars(step)
-            if len(self._steps) % self.heatmap_every_n_logs == 0:
-                now = time.monotonic()
-                if now - self._last_heatmap >= self.heatmap_min_interval_s:
-                    self._last_heatmap = now
-                    self._write_heatmap(step)
 
     # ------------------------------------------------------------ warnings
 
@@ -349,7 +346,17 @@ class GradientFlowMonitor(L.Callback):
                 file_writer.add_summary(summary, step, wall_time)
         self._unwritten.clear()
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._writer is None or not self._steps or not trainer.is_global_zero:
+            return
+        due = len(self._steps) - self._heatmap_logs >= self.heatmap_every_n_logs
+        now = time.monotonic()
+        if due and now - self._last_heatmap >= self.heatmap_min_interval_s:
+            self._last_heatmap = now
+            self._write_heatmap(self._steps[-1])
+
     def _write_heatmap(self, step: int) -> None:
+        self._heatmap_logs, self._heatmap_step = len(self._steps), step
         grad = np.asarray(self._grad, dtype=np.float64)  # (n_logs, n_layers)
         title = self.title or "gradient flow"
         if self.heatmap_range is not None:
@@ -385,7 +392,8 @@ class GradientFlowMonitor(L.Callback):
         rgba = render(self.figure())  # (H, W, 4) uint8, drawn once for TensorBoard and the PNG
         if self._writer is not None:
             step = self._steps[-1]
-            self._write_heatmap(step)  # always one, at the last logged step, however short the run
+            if self._heatmap_step != step:  # always one at the last logged step, however short the run
+                self._write_heatmap(step)
             self._writer.add_image("gradient_flow/figure", rgba[..., :3], step, dataformats="HWC")
             self._writer.flush()
         if self.run_dir is not None:

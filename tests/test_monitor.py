@@ -228,22 +228,22 @@ def _events(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def test_png_tags_and_heatmaps(tmp_path: Path) -> None:
     mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=2, heatmap_every_n_logs=2), tmp_path / "run")
-    mon.heatmap_min_interval_s = 0.0  # every 2nd log event, however close in time
+    mon.heatmap_min_interval_s = 0.0  # at every epoch end with 2 new log events, however close in time
     module = Tiny(mlp(depth=11))  # 12 layers: index 10 and 11 must sort after 09
-    fit(module, mon, tmp_path, steps=8)
+    fit(module, mon, tmp_path, steps=20)  # 8 steps per epoch: epochs end after steps 7, 15 and 19
     assert (tmp_path / "run" / "gradient_flow.png").stat().st_size > 10_000
     acc = _events(tmp_path)
     names = [n for n, _ in depth_ordered_layers(module.model)]
     grad_tags = [t for t in acc.Tags()["scalars"] if re.match(r"^grad_norm/\d+_", t)]
     assert sorted(grad_tags) == [f"grad_norm/{i:02d}_{n}" for i, n in enumerate(names)]
     assert set(RATIO_TAGS) <= set(acc.Tags()["scalars"])
-    assert [e.step for e in acc.Scalars("grad_norm/00_layers.0.0")] == [0, 2, 4, 6]
+    assert [e.step for e in acc.Scalars("grad_norm/00_layers.0.0")] == list(range(0, 20, 2))
     assert acc.Scalars("grad_norm/11_head")[0].value == pytest.approx(mon.history.grad_norm[0, -1].item())
     assert any(t.startswith("update_ratio/00_") for t in acc.Tags()["scalars"])
     assert {"gradient_flow/heatmap", "gradient_flow/figure"} <= set(acc.Tags()["images"])
-    # every 2nd log event (steps 2 and 6), and always one at the end of training (the last logged step)
-    assert [e.step for e in acc.Images("gradient_flow/heatmap")] == [2, 6, 6]
-    assert [e.step for e in acc.Images("gradient_flow/figure")] == [6]
+    # at epoch ends (the last logged step then), never in the step hooks; the end's is the last epoch's
+    assert [e.step for e in acc.Images("gradient_flow/heatmap")] == [6, 14, 18]
+    assert [e.step for e in acc.Images("gradient_flow/figure")] == [18]
     assert "custom_scalars__config__" not in acc.Tags()["tensors"]  # the layout is deepnets.hparams' job
 
 
