@@ -62,14 +62,15 @@ LAYOUT: list[tuple[str, list[tuple[str, list[str]]]]] = [
 ]
 
 # (tag, display name): final metrics, written when the run ends
-METRICS: list[tuple[str, str]] = [
+METRICS: list[tuple[str, str]] = [  # TensorBoard's table ticks the first five: status among them
+    ("final/status", "status"),
     ("final/test/acc", "test/acc"),
-    ("final/test/loss", "test/loss"),
     ("final/val/acc", "val/acc"),
+    ("final/test/loss", "test/loss"),
     ("final/val/loss", "val/loss"),
     ("final/parameters", "parameters"),
-    ("final/status", "status (0 completed, 1 early_stopped, 2 diverged, 3 interrupted, 4 failed)"),
 ]
+STATUS_DESCRIPTION = "0 completed, 1 early_stopped, 2 diverged, 3 interrupted, 4 failed"
 STATUS_CODES = {"completed": 0, "early_stopped": 1, "diverged": 2, "interrupted": 3, "failed": 4}
 
 # Config keys that change how a run is executed or recorded, not what it computes.
@@ -204,7 +205,14 @@ def experiment_summary() -> Any:
     types = {"bool": api_pb2.DATA_TYPE_BOOL, "number": api_pb2.DATA_TYPE_FLOAT64, "string": api_pb2.DATA_TYPE_STRING}
     experiment = api_pb2.Experiment(
         hparam_infos=[api_pb2.HParamInfo(name=k, type=types[kind]) for k, kind in hparam_keys()],
-        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=name) for tag, name in METRICS],
+        metric_infos=[
+            api_pb2.MetricInfo(
+                name=api_pb2.MetricName(tag=tag),
+                display_name=name,
+                description=STATUS_DESCRIPTION if tag == "final/status" else "",
+            )
+            for tag, name in METRICS
+        ],
     )
     return _summary(metadata.EXPERIMENT_TAG, experiment=experiment)
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 PAGES = {  # page -> (URL fragment, window size)
     "custom_scalars": ("#custom_scalars", (1400, 1500)),
     "images": ("#images", (1400, 1100)),
-    "hparams": ("#hparams", (2200, 420)),  # wide: the metric columns follow the first hyperparameters
+    "hparams": ("#hparams", (2500, 400)),  # wide: the metric columns follow the first hyperparameters
 }
 DEMO = {
     "deep_sigmoid": ["model.depth=12", "model.width=64", "model.activation=sigmoid"],
