@@ -52,6 +52,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # `deepnets compare RUN_DIR... [--out DIR]`
+        from deepnets.compare import main as compare_main
+
+        try:
+            return compare_main(argv[1:])
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USER_ERROR
     args = parser().parse_args(argv)
     console.configure()  # drop the libraries' banners and warnings about their own internals
     try:

@@ -277,8 +277,16 @@ class LoggingConfig:
     vanishing_ratio: float = _f(1e-3, "warn when first/last layer gradient norm falls below", gt=0)
     exploding_norm: float = _f(1e3, "warn when a layer's gradient norm exceeds", gt=0)
     heatmap_every_n_logs: int = _f(
-        20, "monitor: log the layer x step heatmap every N log events (at most every 10 s)", ge=1
+        20, "monitor: TensorBoard heatmap at an epoch end after N log events (at most every 30 s), and at the end", ge=1
     )
+    heatmap_range: list[float] | None = _f(
+        [-12.0, 1.0], "log10 colour range [lo, hi] of the gradient heatmaps, fixed so runs compare (null = per run)"
+    )
+
+    def __post_init__(self) -> None:
+        r = self.heatmap_range
+        if r is not None and (len(r) != 2 or not all(map(math.isfinite, r)) or not r[0] < r[1]):
+            raise UserError(f"logging.heatmap_range: expected [lo, hi] with finite lo < hi (log10), got {r!r}")
 
 
 @dataclass

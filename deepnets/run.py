@@ -35,6 +35,7 @@ from deepnets.checkpoint import RNGState, SafeCheckpointIO, check_resumable, loa
 from deepnets.config import Config, check_runtime, to_yaml
 from deepnets.data import InMemoryDataModule
 from deepnets.errors import UserError
+from deepnets.hparams import HParamsRecorder
 from deepnets.memory import check_fits, meta_model_for
 from deepnets.models import build_model
 from deepnets.module import Classifier, LossProgressBar
@@ -593,6 +594,8 @@ def _callbacks(
         callbacks.append(LossProgressBar())
     if cfg.logging.grad_norm_every_n_steps > 0:
         callbacks.append(GradientFlowMonitor(cfg.logging, run_dir))
+    if run_dir is not None and cfg.logging.tensorboard:  # layout, hyperparameters and outcome for TensorBoard
+        callbacks.append(HParamsRecorder(cfg))
     early = None
     if cfg.early_stopping.enabled:
         e = cfg.early_stopping

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from deepnets.config import LoggingConfig
 from deepnets.errors import UserError
 from deepnets.models import build_model, depth_ordered_layers
-from deepnets.monitor import GradientFlowMonitor, GradientFlowWarning, _scalar_summary
+from deepnets.monitor import RATIO_TAGS, GradientFlowMonitor, GradientFlowWarning, _scalar_summary
 
 D, C = 16, 10
 
@@ -224,38 +226,134 @@ def _events(tmp_path: Path):  # type: ignore[no-untyped-def]
     return acc
 
 
-def test_png_tags_and_custom_scalars_layout(tmp_path: Path) -> None:
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
+def test_png_tags_and_heatmaps(tmp_path: Path) -> None:
     mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=2, heatmap_every_n_logs=2), tmp_path / "run")
-    mon.heatmap_min_interval_s = 0.0  # every 2nd log event, however close in time
+    mon.heatmap_min_interval_s = 0.0  # at every epoch end with 2 new log events, however close in time
     module = Tiny(mlp(depth=11))  # 12 layers: index 10 and 11 must sort after 09
-    fit(module, mon, tmp_path, steps=8)
+    fit(module, mon, tmp_path, steps=20)  # 8 steps per epoch: epochs end after steps 7, 15 and 19
     assert (tmp_path / "run" / "gradient_flow.png").stat().st_size > 10_000
     acc = _events(tmp_path)
     names = [n for n, _ in depth_ordered_layers(module.model)]
-    grad_tags = [t for t in acc.Tags()["scalars"] if t.startswith("grad_norm/") and t != "grad_norm/global"]
+    grad_tags = [t for t in acc.Tags()["scalars"] if re.match(r"^grad_norm/\d+_", t)]
     assert sorted(grad_tags) == [f"grad_norm/{i:02d}_{n}" for i, n in enumerate(names)]
-    assert "grad_norm/global" in acc.Tags()["scalars"]
-    assert [e.step for e in acc.Scalars("grad_norm/00_layers.0.0")] == [0, 2, 4, 6]
+    assert set(RATIO_TAGS) <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("grad_norm/00_layers.0.0")] == list(range(0, 20, 2))
     assert acc.Scalars("grad_norm/11_head")[0].value == pytest.approx(mon.history.grad_norm[0, -1].item())
     assert any(t.startswith("update_ratio/00_") for t in acc.Tags()["scalars"])
     assert {"gradient_flow/heatmap", "gradient_flow/figure"} <= set(acc.Tags()["images"])
-    assert [e.step for e in acc.Images("gradient_flow/heatmap")] == [2, 6]
-
-    (config,) = acc.Tensors("custom_scalars__config__")
-    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
-    (category,) = [c for c in layout.category if c.title == "Gradient flow"]
-    multiline = {ch.title: list(ch.multiline.tag) for ch in category.chart}
-    assert sorted(grad_tags) in multiline.values()
+    # at epoch ends (the last logged step then), never in the step hooks; the end's is the last epoch's
+    assert [e.step for e in acc.Images("gradient_flow/heatmap")] == [6, 14, 18]
+    assert [e.step for e in acc.Images("gradient_flow/figure")] == [18]
+    assert "custom_scalars__config__" not in acc.Tags()["tensors"]  # the layout is deepnets.hparams' job
 
 
-def test_heatmap_images_are_at_least_ten_seconds_apart(tmp_path: Path) -> None:
-    """Logging every step would otherwise encode a PNG every heatmap_every_n_logs steps."""
+def test_first_over_last_scalars_are_the_ratio_of_the_layer_norms(tmp_path: Path) -> None:
+    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1), None)
+    fit(Tiny(mlp(depth=6, activation="sigmoid")), mon, tmp_path, steps=4)
+    acc = _events(tmp_path)
+    g = mon.history.grad_norm
+    ratio = [e.value for e in acc.Scalars("grad_norm/first_over_last")]
+    log_ratio = [e.value for e in acc.Scalars("grad_norm/log10_first_over_last")]
+    np.testing.assert_allclose(ratio, (g[:, 0] / g[:, -1]).numpy(), rtol=1e-6)  # float32 on disk
+    np.testing.assert_allclose(log_ratio, np.log10((g[:, 0] / g[:, -1]).numpy()), rtol=1e-6)
+    assert max(ratio) < 0.1  # a 6-layer sigmoid net: the first layer's gradient is far below the head's
+
+
+def test_heatmap_in_a_run_shorter_than_heatmap_every_n_logs(tmp_path: Path) -> None:
+    """A short run (fewer log events than heatmap_every_n_logs) still gets its heatmap, at the end."""
+    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1), tmp_path / "run")
+    assert mon.heatmap_min_interval_s == 30.0 and mon.heatmap_every_n_logs == 20
+    fit(Tiny(mlp(depth=3)), mon, tmp_path, steps=12)
+    assert [e.step for e in _events(tmp_path).Images("gradient_flow/heatmap")] == [11]
+
+
+def test_heatmap_images_are_at_least_thirty_seconds_apart(tmp_path: Path) -> None:
+    """Logging every step would otherwise draw a labelled heatmap every heatmap_every_n_logs steps.
+
+    The first periodic one comes 30 s into training: a run of a second or two gets only the end's."""
     mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1, heatmap_every_n_logs=2), tmp_path / "run")
-    assert mon.heatmap_min_interval_s == 10.0
-    fit(Tiny(mlp(depth=3)), mon, tmp_path, steps=12)  # a second or two: one heatmap, at the 2nd event
-    assert [e.step for e in _events(tmp_path).Images("gradient_flow/heatmap")] == [1]
+    fit(Tiny(mlp(depth=3)), mon, tmp_path, steps=12)
+    assert [e.step for e in _events(tmp_path).Images("gradient_flow/heatmap")] == [11]
+
+
+def test_live_heatmap_equals_a_fresh_drawing() -> None:
+    """The blitted TensorBoard heatmap shows the same image as one drawn from scratch."""
+    from deepnets.monitor import _LiveHeatmap
+
+    names = ["a", "b", "c"]
+    g = np.array([[0.0, 1e-3, 1.0], [1e-9, 1e-2, 2.0], [1e-8, math.nan, 3.0]])
+    live = _LiveHeatmap(names, (-12.0, 1.0), "t")
+    live.update([0, 5], g[:2])  # an earlier, shorter history first: nothing of it may remain
+    live.update([0, 5, 10], g)
+    np.testing.assert_array_equal(live.im.get_array().mask, ~np.isfinite(np.log10(g.T)) | (g.T == 0))
+    np.testing.assert_allclose(live.im.get_array().compressed(), np.log10(g.T[(g.T > 0) & np.isfinite(g.T)]))
+    assert live.im.get_extent() == [-2.5, 12.5, 2.5, -0.5]
+    assert [len(c.get_paths()) for c in live.cells] == [1, 1]  # one zero cell, one non-finite cell
+    assert live.im.get_clim() == (-12.0, 1.0)
+
+
+def _dead_head_net() -> nn.Module:
+    """Zero head weights: at step 0 every hidden layer's gradient is exactly 0 (the head's is not)."""
+    net = mlp(depth=3)
+    with torch.no_grad():
+        net.head.weight.zero_()
+    return net
+
+
+def _texts(fig: Any) -> list[Any]:
+    from matplotlib.text import Text
+
+    return [t for t in fig.findobj(Text) if t.get_text().strip() and t.get_visible()]
+
+
+@pytest.mark.parametrize("heatmap_range", [[-12.0, 1.0], None])
+def test_figure_marks_exact_zeros_and_uses_the_configured_colour_range(
+    tmp_path: Path, heatmap_range: list[float] | None
+) -> None:
+    from matplotlib.collections import PatchCollection
+
+    from deepnets.monitor import render
+
+    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1, heatmap_range=heatmap_range), None, title="t")
+    fit(Tiny(_dead_head_net()), mon, tmp_path, steps=4, logger=False)
+    g = mon.history.grad_norm.numpy()  # (4, 4)
+    assert (g[0, :-1] == 0).all() and g[0, -1] > 0 and (g[1:] > 0).all()
+    fig = mon.figure()
+    render(fig)
+    heat, depth = fig.axes[0], fig.axes[1]
+    z = np.log10(g[g > 0])
+    clim = heat.images[0].get_clim()
+    assert clim == ((-12.0, 1.0) if heatmap_range else (z.min(), z.max()))
+    (hatched,) = [c for c in heat.collections if isinstance(c, PatchCollection)]
+    assert hatched.get_hatch() == "////"
+    # one rectangle per run of zero cells in a row: the three hidden layers at step 0
+    assert len(hatched.get_paths()) == 3
+    (legend_text,) = [t.get_text() for t in heat.get_legend().get_texts()]
+    assert legend_text == "exactly 0 (3 cells)"
+    # the depth line starts at the first step without zeros (step 1), the other is the last step
+    labels = [line.get_label() for line in depth.get_lines()]
+    assert labels == ["step 1 (first non-zero)", "step 3"]
+    np.testing.assert_allclose(depth.get_lines()[0].get_ydata(), g[1])
+
+
+def test_figure_text_reads_at_tensorboards_image_width(tmp_path: Path) -> None:
+    """TensorBoard shows an image TB_CARD_PX wide: every text must be >= 12 px (9 pt) there."""
+    from deepnets.monitor import TB_CARD_PX, render
+
+    module = Tiny(mlp(depth=30, arch="mlp"))
+    module.hparams.update({"name": "deep", "model": {"arch": "mlp", "depth": 30, "width": 32, "activation": "tanh"}})
+    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1), tmp_path / "deep" / "version_3")
+    fit(module, mon, tmp_path, steps=3, logger=False)
+    fig = mon.figure()
+    render(fig)
+    assert fig._suptitle.get_text() == "deep/version_3\nmlp 30x32 tanh"
+    scale = TB_CARD_PX / (fig.get_figwidth() * 72)  # px per point at TensorBoard's width
+    sizes = {t.get_text(): t.get_fontsize() * scale for t in _texts(fig)}
+    assert min(sizes.values()) >= 12, {k: v for k, v in sizes.items() if v < 12}
+    # nothing drawn outside the figure (clipped labels): the bounding box of all that is drawn, in inches
+    drawn = fig.get_tightbbox(fig.canvas.get_renderer())
+    assert drawn.x0 >= -0.01 and drawn.x1 <= fig.get_figwidth() + 0.01, drawn
+    assert drawn.y0 >= -0.01 and drawn.y1 <= fig.get_figheight() + 0.01, drawn
 
 
 def test_without_tensorboard_history_and_png_remain(tmp_path: Path) -> None:
@@ -362,16 +460,59 @@ def test_history_and_warnings_survive_checkpoint_resume(tmp_path: Path) -> None:
 def test_vanishing_experiment_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from deepnets.experiments.vanishing import main
 
-    argv = ["--quick", "--out", str(tmp_path), "--archs", "mlp sigmoid,resmlp", "--steps", "10"]
-    assert main(argv) == 0
+    archs = "mlp sigmoid,mlp sigmoid + bn,resmlp"
+    assert main(["--quick", "--out", str(tmp_path), "--archs", archs, "--steps", "12", "--depth", "8"]) == 0
     out = capsys.readouterr().out
     (run_dir,) = (tmp_path / "vanishing").glob("version_*")
     assert (run_dir / "grad_norm_vs_depth.png").is_file()
-    assert (run_dir / "mlp_sigmoid" / "gradient_flow.png").is_file()
+    for name in ("mlp_sigmoid", "mlp_sigmoid_bn", "resmlp_relu"):  # ordinary run directories
+        assert (run_dir / name / "version_0" / "gradient_flow.png").is_file()
+        assert (run_dir / name / "version_0" / "metrics.json").is_file()
     table = (run_dir / "ratios.md").read_text()
     assert table in out
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
-    assert "| yes |" in rows["mlp sigmoid"] and "| no |" in rows["resmlp relu"]
+    header = [c.strip() for c in table.splitlines()[0].split("|")[1:-1]]
+    rows = {
+        cells[0]: dict(zip(header, cells, strict=True))
+        for line in table.splitlines()[2:]
+        for cells in [[c.strip() for c in line.split("|")[1:-1]]]
+    }
+    assert list(rows) == ["mlp sigmoid", "mlp sigmoid + bn", "resmlp relu"]
+    assert rows["mlp sigmoid"]["vanishing warning"] == "yes" and rows["resmlp relu"]["vanishing warning"] == "no"
+    # BatchNorm keeps the sigmoid net's gradient from vanishing
+    assert float(rows["mlp sigmoid + bn"]["first/last @ step 0"]) > 1e3 * float(
+        rows["mlp sigmoid"]["first/last @ step 0"]
+    )
+    # sigmoid outputs are never exactly 0; ReLU's are, often
+    assert float(rows["mlp sigmoid"]["zero activations (test)"]) == 0.0
+    assert float(rows["resmlp relu"]["zero activations (test)"]) > 0.1
+    recorded = json.loads((run_dir / "resmlp_relu" / "version_0" / "metrics.json").read_text())
+    assert float(rows["resmlp relu"]["test/acc"]) == pytest.approx(recorded["metrics"]["test/acc"], abs=5e-4)
+
+
+def test_zero_activation_fraction_equals_a_hand_count() -> None:
+    """The model applied by hand, layer by layer, with a batch size that leaves a smaller last batch."""
+    from deepnets.experiments.vanishing import zero_activation_fraction
+
+    net = mlp(depth=3, batch_norm=True).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-trivial running statistics
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(103, D)
+    zeros = total = 0
+    h = x
+    with torch.no_grad():
+        for block in net.layers:  # Linear -> BatchNorm -> ReLU per hidden layer
+            for layer in block:
+                h = layer(h)
+                if isinstance(layer, nn.ReLU):
+                    zeros += int((h == 0).sum())
+                    total += h.numel()
+    assert total == 103 * 32 * 3
+    assert zero_activation_fraction(net.train(), x, batch_size=25) == zeros / total
+    assert net.training  # left as it was
 
 
 def test_dense_events_reach_tensorboard_in_bursts_sparse_ones_at_once(monkeypatch) -> None:

@@ -1,18 +1,23 @@
 """Vanishing gradients through depth: plain nets vs BatchNorm vs skip, residual and dense connections.
 
 Every net has the same depth (default 20 hidden layers) and width, starts
-from the same seed and trains briefly on digits while the GradientFlowMonitor
-records each layer's gradient norm. In a plain sigmoid MLP the backward pass
+from the same seed and trains briefly on digits (`deepnets.run.train`, so each
+is an ordinary run directory) while the GradientFlowMonitor records each
+layer's gradient norm. The figure and the table come from `deepnets compare`'s
+code, reading the runs' event files; this module adds what only it knows:
+the fraction of exactly-zero hidden activations on the test split, and
+whether the monitor warned. In a plain sigmoid MLP the backward pass
 multiplies by sigma' <= 1/4 and a weight matrix per layer, so the first
 layer's gradient is orders of magnitude below the head's (Hochreiter 1991;
-Bengio et al. 1994; Glorot & Bengio 2010). BatchNorm (Ioffe & Szegedy 2015),
-concatenated shortcuts (skipnet), identity shortcuts (He et al. 2016) and
+Bengio et al. 1994; Glorot & Bengio 2010). BatchNorm (Ioffe & Szegedy 2015; it
+also lets the sigmoid net train), concatenated shortcuts (skipnet), identity shortcuts (He et al. 2016) and
 dense connectivity (Huang et al. 2017) give the gradient a short path back.
 
     python -m deepnets.experiments vanishing [--depth 20] [--steps 300] [--quick]
 
-Writes into `<out>/vanishing/version_<n>/`: one TensorBoard run per
-architecture (with its `gradient_flow.png`), `grad_norm_vs_depth.png` and
+Writes into `<out>/vanishing/version_<n>/`: one run directory per
+architecture (`<label>/version_0/`: TensorBoard events, `gradient_flow.png`,
+`metrics.json`), `grad_norm_vs_depth.png` (compare's figure) and
 `ratios.{csv,md}`; prints the table.
 """
 
@@ -31,9 +36,10 @@ from typing import Any
 
 import torch
 
+from deepnets import compare
 from deepnets.config import Config, from_dict
-from deepnets.experiments.common import base_parser, new_run_dir, plt, save_figure, write_table
-from deepnets.monitor import GradientFlowMonitor
+from deepnets.experiments.common import base_parser, new_run_dir
+from deepnets.layers import ACTIVATIONS
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,10 @@ def variants(depth: int, width: int, skip_activation: str) -> list[Variant]:
     act = skip_activation
     return [
         Variant("mlp sigmoid", {"arch": "mlp", "activation": "sigmoid", "depth": depth, "width": width}),
+        Variant(
+            "mlp sigmoid + bn",
+            {"arch": "mlp", "activation": "sigmoid", "batch_norm": True, "depth": depth, "width": width},
+        ),
         Variant("mlp relu", {"arch": "mlp", "activation": "relu", "depth": depth, "width": width}),
         Variant(
             "mlp relu + bn",
@@ -99,29 +109,52 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def train_one(cfg: Config, run_dir: Path) -> tuple[GradientFlowMonitor, dict[str, float]]:
-    """Train `cfg` briefly with the gradient-flow monitor; return it and the final metrics."""
-    import lightning as L
+def zero_activation_fraction(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512) -> float:
+    """Fraction of exactly-zero outputs over every hidden activation layer of `model` on the samples `x`.
 
+    Counts the outputs of the modules the activation table builds (ReLU, Sigmoid, ...), in eval
+    mode (BatchNorm with its running statistics), over all samples and units."""
+    kinds = tuple({type(make()) for make in ACTIVATIONS.values()} - {torch.nn.Identity})
+    counts = [0, 0]  # zeros, elements
+
+    def hook(module: torch.nn.Module, inputs: Any, out: torch.Tensor) -> None:
+        counts[0] += int((out == 0).sum())
+        counts[1] += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                model(x[i : i + batch_size])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return counts[0] / counts[1] if counts[1] else math.nan
+
+
+def train_one(cfg: Config) -> tuple[Any, float, bool]:
+    """`deepnets.run.train(cfg)`; returns its result, the zero-activation fraction on the test split,
+    and whether the monitor warned about vanishing gradients."""
     from deepnets.data import InMemoryDataModule
-    from deepnets.models import build_model
-    from deepnets.module import Classifier
-    from deepnets.run import build_trainer
+    from deepnets.run import train
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = InMemoryDataModule(cfg.data, cfg.seed)
-    data.setup("fit")
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
-    monitor = GradientFlowMonitor(cfg.logging, run_dir)
-    trainer = build_trainer(cfg, run_dir, [monitor])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(Classifier(model, cfg), datamodule=data)
+        result = train(cfg)
+    vanishing = False
     for w in caught:  # the monitor's own warnings are the point: show them
         if w.category.__name__ == "GradientFlowWarning":
             print(f"  warning: {str(w.message)[:200]}")
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    return monitor, metrics
+            vanishing |= str(w.message).startswith("vanishing")
+    if not result.ok:
+        raise RuntimeError(f"run {result.status}: {result.error}")
+    data = InMemoryDataModule(cfg.data, cfg.seed)
+    data.setup("test")
+    assert data.splits is not None
+    return result, zero_activation_fraction(result.model, data.splits.x_test), vanishing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,31 +182,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run directory: {out}")
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     try:
-        rows, results = _run_all(chosen, args, out)
+        rows, dirs = _run_all(chosen, args, out)  # train() applies trainer.threads = --threads
     finally:
         torch.set_num_threads(threads)
-    if results:
-        _plot(results, out / "grad_norm_vs_depth.png")
-    table = write_table(rows, out / "ratios")
+    runs = [compare.load_run(d, label) for label, d in dirs]
+    if runs:
+        save_figure_of(compare.figure(runs), out / "grad_norm_vs_depth.png")
+    table = compare.write_table(rows, out / "ratios")
     print()
     print(table)
     print(f"figure: {out / 'grad_norm_vs_depth.png'}")
-    print(f"per-architecture heatmaps: {out}/*/gradient_flow.png; TensorBoard: tensorboard --logdir {out}")
+    print(f"per-architecture heatmaps: {out}/*/version_0/gradient_flow.png; TensorBoard: tensorboard --logdir {out}")
     return 0
 
 
-Result = tuple[Variant, GradientFlowMonitor, dict[str, float]]
-
-
-def _run_all(chosen: list[Variant], args: Any, out: Path) -> tuple[list[dict[str, Any]], list[Result]]:
-    results: list[Result] = []
+def _run_all(chosen: list[Variant], args: Any, out: Path) -> tuple[list[dict[str, Any]], list[tuple[str, Path]]]:
+    """Train every variant; the table's rows (compare's summary + this experiment's columns) and the runs."""
     rows: list[dict[str, Any]] = []
+    dirs: list[tuple[str, Path]] = []
     for v in chosen:
         cfg = from_dict(
             {
-                "name": "vanishing",
+                "name": re.sub(r"[^A-Za-z0-9]+", "_", v.label).strip("_"),
+                "output_dir": str(out),
                 "seed": args.seed,
                 "model": v.model,
                 "data": {"name": "digits", "batch_size": 128},
@@ -185,53 +217,43 @@ def _run_all(chosen: list[Variant], args: Any, out: Path) -> tuple[list[dict[str
                     "max_epochs": -1,
                     "progress_bar": False,
                     "log_every_n_steps": args.every,
+                    "threads": args.threads,
                 },
+                "checkpoint": {"enabled": False},  # test and zero activations: the last weights
                 "logging": {"grad_norm_every_n_steps": args.every},
             }
         )
-        run_dir = out / re.sub(r"[^A-Za-z0-9]+", "_", v.label).strip("_")
         start = time.perf_counter()
         print(f"- {v.label}")
         try:
             with _quiet():
-                monitor, metrics = train_one(cfg, run_dir)
+                result, zeros, vanishing = train_one(cfg)
         except Exception as e:  # an architecture not built yet must not sink the others
             print(f"  skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             rows.append({"architecture": v.label, "note": f"skipped ({type(e).__name__})"})
             continue
-        h = monitor.history
-        ratio = h.ratio_first_last()
-        tail = ratio[-max(1, len(ratio) // 4) :]  # the last quarter of the run
-        row = {
-            "architecture": v.label,
-            "weight layers": len(h.layer_names),
-            "first/last @ step 0": ratio[0].item(),
-            "first/last, last quarter (median)": tail.median().item(),
-            "first layer |g| @ step 0": h.grad_norm[0, 0].item(),
-            "val/acc": metrics.get("val/acc", math.nan),
-            "vanishing warning": "yes" if "vanishing" in monitor.warned else "no",
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        rows.append(row)
-        results.append((v, monitor, metrics))
-    return rows, results
+        seconds = round(time.perf_counter() - start, 1)
+        (summary,) = compare.summary_rows([compare.load_run(result.run_dir, v.label)])
+        rows.append(
+            {
+                "architecture": v.label,
+                "weight layers": summary["weight layers"],
+                "first/last @ step 0": summary["first/last @ first step"],
+                "first/last, last quarter (median)": summary["first/last, last quarter (median)"],
+                "val/acc": summary["val/acc"],
+                "test/acc": summary["test/acc"],
+                "zero activations (test)": zeros,
+                "vanishing warning": "yes" if vanishing else "no",
+                "seconds": seconds,
+            }
+        )
+        dirs.append((v.label, result.run_dir))
+    return rows, dirs
 
 
-def _plot(results: list[Result], path: Path) -> None:
-    """Gradient norm vs depth, one line per architecture: at step 0 and at the end of training."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for v, monitor, _ in results:
-        h = monitor.history
-        depth = range(len(h.layer_names))
-        (line,) = axes[0].semilogy(depth, h.grad_norm[0].numpy(), "o-", ms=3, label=v.label)
-        axes[1].semilogy(depth, h.grad_norm[-1].numpy(), "o-", ms=3, color=line.get_color(), label=v.label)
-    steps = results[0][1].history.steps
-    for ax, title in zip(
-        axes, (f"at initialisation (step {steps[0]})", f"after training (step {steps[-1]})"), strict=True
-    ):
-        ax.set_title(f"gradient norm per layer, {title}")
-        ax.set_xlabel("weight layer (0 = input, last = head)")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("||dL/dW|| (log scale)")
-    axes[1].legend(fontsize=8)
-    save_figure(fig, path)
+def save_figure_of(fig: Any, path: Path) -> None:
+    import matplotlib.image
+
+    from deepnets.monitor import render
+
+    matplotlib.image.imsave(path, render(fig), format="png")
