@@ -716,6 +716,12 @@ def _check(value: Any, tp: Any, path: str) -> Any:
     """Return `value` converted to `tp`, or raise a UserError naming `path` and what is allowed."""
     ok, out = _match(value, tp)
     if not ok:
+        if typing.get_origin(tp) is dict and isinstance(value, dict):  # name the key, not the whole mapping
+            key_tp = typing.get_args(tp)[0]
+            bad = next((k for k in value if not _match(k, key_tp)[0]), None)
+            if bad is not None:
+                what = "string" if key_tp is str else _type_name(key_tp)
+                raise UserError(f"{path}: key {_show(bad)} is not a {what}")
         raise UserError(f"{path}: expected {_type_name(tp)}, got {_show(value)}{_hint(value, tp)}")
     return out
 
