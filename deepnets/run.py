@@ -23,12 +23,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import (
     Callback,
+    Checkpoint,
     EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
 )
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from deepnets.checkpoint import RNGState, SafeCheckpointIO, load_checkpoint
 from deepnets.config import Config, to_yaml
@@ -340,9 +341,13 @@ class DivergenceGuard(Callback):
         self.check_weights(trainer, pl_module)
 
 
-class LastCheckpoint(Callback):
+class LastCheckpoint(Checkpoint):
     """Keeps last.ckpt current: at the end of every epoch, every `every_n_steps` steps, and on a signal;
     and stops the run on SIGTERM / SIGINT (see StopSignals) at the next safe point.
+
+    A `Checkpoint`, listed after BestCheckpoint: Lightning runs checkpoint and early-stopping callbacks
+    last, in list order, and ModelCheckpoint / EarlyStopping act at train-epoch end (after validation),
+    so the epoch-end last.ckpt holds their state of this epoch, not the previous one's.
 
     (Lightning's `ModelCheckpoint(save_last=True)` copies only checkpoints it saves anyway, i.e. the
     best ones, so its last.ckpt can lag behind.) Safe points: after the training step in flight
@@ -475,7 +480,8 @@ class EarlyStop(_CachedStateKey, EarlyStopping):
 class RunCheckpointIO(SafeCheckpointIO):
     """SafeCheckpointIO whose failed writes (a full disk, a file-size limit) are one UserError naming the file.
 
-    torch's zip writer reports a failed write as a RuntimeError ("file write failed"); the atomic
+    torch's zip writer reports a failed write as a RuntimeError ("file write failed", or an
+    "enforce fail at inline_container.cc" when the failure is at the end of the file); the atomic
     save has already removed its temp file, so the previous checkpoint stays intact.
     """
 
@@ -485,8 +491,8 @@ class RunCheckpointIO(SafeCheckpointIO):
         except OSError as e:
             raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
         except RuntimeError as e:
-            if "write" not in str(e):
-                raise
+            if not any(m in str(e) for m in ("write", "inline_container", "PytorchStreamWriter")):
+                raise  # not torch's zip writer failing on the file
             raise UserError(f"cannot write checkpoint {path}: {_disk_reason(Path(path))}") from None
 
 
@@ -559,7 +565,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, callbacks: list[Callback]) 
         detect_anomaly=t.detect_anomaly,
         logger=logger,
         callbacks=callbacks,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_checkpointing=True,  # LastCheckpoint is always there (a Checkpoint: no default one is added)
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         default_root_dir=str(run_dir) if run_dir else None,
@@ -578,12 +584,6 @@ def _callbacks(
         RNGState(),
         ResumeLoaderState(),
         DivergenceGuard(cfg.trainer.log_every_n_steps, cfg.checkpoint.every_n_steps),
-        LastCheckpoint(
-            ckpt_dir if cfg.checkpoint.enabled else None,
-            cfg.checkpoint.every_n_steps,
-            stop,
-            on_save=None if record is None else lambda trainer: record.write("running", trainer=trainer),
-        ),
     ]
     if cfg.trainer.progress_bar:  # shows the loss without Lightning's per-step prog_bar .item()
         callbacks.append(LossProgressBar())
@@ -609,6 +609,13 @@ def _callbacks(
             auto_insert_metric_name=False,
         )
         callbacks.append(ckpt)
+    last = LastCheckpoint(  # after BestCheckpoint: see LastCheckpoint
+        ckpt_dir if cfg.checkpoint.enabled else None,
+        cfg.checkpoint.every_n_steps,
+        stop,
+        on_save=None if record is None else lambda trainer: record.write("running", trainer=trainer),
+    )
+    callbacks.append(last)
     return callbacks, ckpt, early
 
 
@@ -769,15 +776,41 @@ def _fit_and_test(
     except UserError as e:  # a full disk, a bad file found mid-run: one line from the CLI, the record kept
         result.status, result.error = "failed", str(e)
         raise
+    except MisconfigurationException as e:  # Lightning refusing the config, e.g. a resume past max_epochs
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        result.status, result.error = "failed", first
+        raise UserError(f"--resume {ckpt_path}: {first}" if ckpt_path else first) from None
     except OSError as e:
         result.status, result.error = "failed", f"{type(e).__name__}: {e}"
-        if e.errno in FULL:
-            raise UserError(f"cannot write into {run.path}: {e.strerror}") from None
+        if e.errno in FULL:  # a write of Lightning's or a callback's, not through our checkpoint I/O
+            result.error = f"cannot write {e.filename or f'into {run.path}'}: {e.strerror}"
+            raise UserError(result.error) from None
         raise
     except BaseException as e:  # a bug or an unexpected failure: still leave metrics.json behind
         result.status, result.error = "failed", f"{type(e).__name__}: {e}"
+        if (why := _ddp_failure(e, cfg)) is not None:  # not a bug here: say what happened, no traceback
+            result.error = why
+            return result
         raise
     finally:
         if run.record is not None and trainer.is_global_zero:
             run.record.write(result.status, result.error, result.metrics, trainer, ckpt)
     return result
+
+
+def _ddp_failure(e: BaseException, cfg: Config) -> str | None:
+    """One line for a DDP rendezvous that timed out or a peer rank that died (gloo / NCCL), else None."""
+    t = cfg.trainer
+    if t.strategy not in ("ddp", "ddp_spawn") and t.num_nodes == 1:
+        return None
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". This is typically")[0]
+    seconds = int(DDP_TIMEOUT.total_seconds())
+    if isinstance(e, torch.distributed.DistStoreError) or "waiting for clients" in first:
+        return (
+            f"DDP rendezvous failed within {seconds} s ({first}); trainer.num_nodes={t.num_nodes}: start the "
+            "same command on every node (torchrun or SLURM, see README), or set trainer.num_nodes=1"
+        )
+    peer = ("Connection reset", "Connection closed", "Broken pipe", "gloo", "NCCL", "timed out", "Timed out")
+    if isinstance(e, (torch.distributed.DistError, RuntimeError)) and any(m in first for m in peer):
+        return f"DDP: another rank failed, was killed or stopped answering within {seconds} s ({first})"
+    return None
