@@ -627,10 +627,6 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def write_metrics(run_dir: Path, payload: dict[str, Any]) -> None:
-    write_json_atomic(run_dir / "metrics.json", payload)
-
-
 # model keys that do not change the parameters, so a resumed run may change them
 _FREE_ON_RESUME = {"checkpointing", "channels_last", "dropout", "init", "init_std", "init_gain"}
 

@@ -74,7 +74,9 @@ def test_step_scalars_are_each_logging_steps_loss(tiny, monkeypatch) -> None:
 
 def test_test_metrics_come_from_the_best_checkpoint(tiny) -> None:
     result = train(tiny("trainer.max_epochs=3"))
-    ckpt = load_checkpoint(result.run_dir / json.loads((result.run_dir / "metrics.json").read_text())["best_checkpoint"])
+    ckpt = load_checkpoint(
+        result.run_dir / json.loads((result.run_dir / "metrics.json").read_text())["best_checkpoint"]
+    )
     assert ckpt["callbacks"]  # callback state travels with the checkpoint
     model_state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     from deepnets.data import load_splits
