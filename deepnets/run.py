@@ -367,7 +367,8 @@ class LastCheckpoint(Checkpoint):
     ) -> None:
         self.ckpt_dir = ckpt_dir
         self.every_n_steps = every_n_steps
-        self.stop = stop if stop is not None else StopSignals()
+        self.stop = stop if stop is not None else StopSignals()  # none given: signals are left alone
+        self._handles_signals = stop is not None
         self.on_save = on_save  # called after each save (metrics.json keeps up with last.ckpt)
 
     def _signal(self, trainer: L.Trainer) -> int | None:
@@ -387,12 +388,14 @@ class LastCheckpoint(Checkpoint):
             self.on_save(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stop.install()  # over Lightning's SIGTERM notifier, which would stop mid-validation
+        if self._handles_signals:
+            self.stop.install()  # over Lightning's SIGTERM notifier, which would stop mid-validation
         if self._signal(trainer) is not None:  # came before the first step: nothing to save
             raise Interrupted(self.stop.signum or 0, trainer.global_step)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stop.install()
+        if self._handles_signals:
+            self.stop.install()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -721,10 +724,17 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
         except Interrupted as e:  # nothing was written yet
             return RunResult(None, "interrupted", error=str(e), signum=e.signum)
         with open_run_dir(cfg, origin, stop) as run:
-            stop.check(None)  # a signal while the directory was made
             tune = cfg.trainer.lr_find or cfg.trainer.lr_probe
-            if tune and origin.path is None:  # a resumed optimizer keeps its lr
-                cfg = tune_learning_rate(cfg, model, run.path if _is_rank_zero() else None)
+            try:
+                if tune and origin.path is None:  # a resumed optimizer keeps its lr
+                    cfg = tune_learning_rate(cfg, model, run.path if _is_rank_zero() else None)
+            except SIGTERMException:  # the LR finder's Trainer got the signal first
+                pass
+            if stop.signum is not None:  # while the directory was made, or while tuning
+                result = RunResult(run.path, "interrupted", error=str(Interrupted(stop.signum)), signum=stop.signum)
+                if run.record is not None:
+                    run.record.write(result.status, result.error)
+                return result
             module = Classifier(model, cfg)
             run_callbacks, ckpt, early = _callbacks(cfg, run, stop)
             trainer = build_trainer(cfg, run.path, [*run_callbacks, *callbacks])
