@@ -23,12 +23,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import (
     Callback,
+    Checkpoint,
     EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
 )
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from deepnets import console
 from deepnets.checkpoint import RNGState, SafeCheckpointIO, check_resumable, load_checkpoint
@@ -343,9 +344,13 @@ class DivergenceGuard(Callback):
         self.check_weights(trainer, pl_module)
 
 
-class LastCheckpoint(Callback):
+class LastCheckpoint(Checkpoint):
     """Keeps last.ckpt current: at the end of every epoch, every `every_n_steps` steps, and on a signal;
     and stops the run on SIGTERM / SIGINT (see StopSignals) at the next safe point.
+
+    A `Checkpoint`, listed after BestCheckpoint: Lightning runs checkpoint and early-stopping callbacks
+    last, in list order, and ModelCheckpoint / EarlyStopping act at train-epoch end (after validation),
+    so the epoch-end last.ckpt holds their state of this epoch, not the previous one's.
 
     (Lightning's `ModelCheckpoint(save_last=True)` copies only checkpoints it saves anyway, i.e. the
     best ones, so its last.ckpt can lag behind.) Safe points: after the training step in flight
@@ -365,7 +370,8 @@ class LastCheckpoint(Callback):
     ) -> None:
         self.ckpt_dir = ckpt_dir
         self.every_n_steps = every_n_steps
-        self.stop = stop if stop is not None else StopSignals()
+        self.stop = stop if stop is not None else StopSignals()  # none given: signals are left alone
+        self._handles_signals = stop is not None
         self.on_save = on_save  # called after each save (metrics.json keeps up with last.ckpt)
 
     def _signal(self, trainer: L.Trainer) -> int | None:
@@ -385,12 +391,14 @@ class LastCheckpoint(Callback):
             self.on_save(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stop.install()  # over Lightning's SIGTERM notifier, which would stop mid-validation
+        if self._handles_signals:
+            self.stop.install()  # over Lightning's SIGTERM notifier, which would stop mid-validation
         if self._signal(trainer) is not None:  # came before the first step: nothing to save
             raise Interrupted(self.stop.signum or 0, trainer.global_step)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stop.install()
+        if self._handles_signals:
+            self.stop.install()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -478,7 +486,8 @@ class EarlyStop(_CachedStateKey, EarlyStopping):
 class RunCheckpointIO(SafeCheckpointIO):
     """SafeCheckpointIO whose failed writes (a full disk, a file-size limit) are one UserError naming the file.
 
-    torch's zip writer reports a failed write as a RuntimeError ("file write failed"); the atomic
+    torch's zip writer reports a failed write as a RuntimeError ("file write failed", or an
+    "enforce fail at inline_container.cc" when the failure is at the end of the file); the atomic
     save has already removed its temp file, so the previous checkpoint stays intact.
     """
 
@@ -488,8 +497,8 @@ class RunCheckpointIO(SafeCheckpointIO):
         except OSError as e:
             raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
         except RuntimeError as e:
-            if "write" not in str(e):
-                raise
+            if not any(m in str(e) for m in ("write", "inline_container", "PytorchStreamWriter")):
+                raise  # not torch's zip writer failing on the file
             raise UserError(f"cannot write checkpoint {path}: {_disk_reason(Path(path))}") from None
 
 
@@ -564,7 +573,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, callbacks: list[Callback]) 
         detect_anomaly=t.detect_anomaly,
         logger=logger,
         callbacks=callbacks,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_checkpointing=True,  # LastCheckpoint is always there (a Checkpoint: no default one is added)
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         default_root_dir=str(run_dir) if run_dir else None,
@@ -583,12 +592,6 @@ def _callbacks(
         RNGState(),
         ResumeLoaderState(),
         DivergenceGuard(cfg.trainer.log_every_n_steps, cfg.checkpoint.every_n_steps),
-        LastCheckpoint(
-            ckpt_dir if cfg.checkpoint.enabled else None,
-            cfg.checkpoint.every_n_steps,
-            stop,
-            on_save=None if record is None else lambda trainer: record.write("running", trainer=trainer),
-        ),
     ]
     if cfg.trainer.progress_bar:  # shows the loss without Lightning's per-step prog_bar .item()
         callbacks.append(LossProgressBar())
@@ -616,6 +619,13 @@ def _callbacks(
             auto_insert_metric_name=False,
         )
         callbacks.append(ckpt)
+    last = LastCheckpoint(  # after BestCheckpoint: see LastCheckpoint
+        ckpt_dir if cfg.checkpoint.enabled else None,
+        cfg.checkpoint.every_n_steps,
+        stop,
+        on_save=None if record is None else lambda trainer: record.write("running", trainer=trainer),
+    )
+    callbacks.append(last)
     return callbacks, ckpt, early
 
 
@@ -627,10 +637,6 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         value = float(v.item() if isinstance(v, torch.Tensor) else v)
         out[k.removesuffix("_epoch")] = value if math.isfinite(value) else str(value)  # type: ignore[assignment]
     return out
-
-
-def write_metrics(run_dir: Path, payload: dict[str, Any]) -> None:
-    write_json_atomic(run_dir / "metrics.json", payload)
 
 
 # model keys that do not change the parameters, so a resumed run may change them
@@ -770,10 +776,17 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
         except Interrupted as e:  # nothing was written yet
             return RunResult(None, "interrupted", error=str(e), signum=e.signum)
         with open_run_dir(cfg, origin, stop) as run:
-            stop.check(None)  # a signal while the directory was made
             tune = cfg.trainer.lr_find or cfg.trainer.lr_probe
-            if tune and origin.path is None:  # a resumed optimizer keeps its lr
-                cfg = tune_learning_rate(cfg, model, run.path if _is_rank_zero() else None)
+            try:
+                if tune and origin.path is None:  # a resumed optimizer keeps its lr
+                    cfg = tune_learning_rate(cfg, model, run.path if _is_rank_zero() else None)
+            except SIGTERMException:  # the LR finder's Trainer got the signal first
+                pass
+            if stop.signum is not None:  # while the directory was made, or while tuning
+                result = RunResult(run.path, "interrupted", error=str(Interrupted(stop.signum)), signum=stop.signum)
+                if run.record is not None:
+                    run.record.write(result.status, result.error)
+                return result
             # hparams.yaml and the checkpoints record the thread count used (it changes results);
             # config.yaml keeps `auto`
             used = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, threads=threads))
@@ -826,15 +839,41 @@ def _fit_and_test(
     except UserError as e:  # a full disk, a bad file found mid-run: one line from the CLI, the record kept
         result.status, result.error = "failed", str(e)
         raise
+    except MisconfigurationException as e:  # Lightning refusing the config, e.g. a resume past max_epochs
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        result.status, result.error = "failed", first
+        raise UserError(f"--resume {ckpt_path}: {first}" if ckpt_path else first) from None
     except OSError as e:
         result.status, result.error = "failed", f"{type(e).__name__}: {e}"
-        if e.errno in FULL:
-            raise UserError(f"cannot write into {run.path}: {e.strerror}") from None
+        if e.errno in FULL:  # a write of Lightning's or a callback's, not through our checkpoint I/O
+            result.error = f"cannot write {e.filename or f'into {run.path}'}: {e.strerror}"
+            raise UserError(result.error) from None
         raise
     except BaseException as e:  # a bug or an unexpected failure: still leave metrics.json behind
         result.status, result.error = "failed", f"{type(e).__name__}: {e}"
+        if (why := _ddp_failure(e, cfg)) is not None:  # not a bug here: say what happened, no traceback
+            result.error = why
+            return result
         raise
     finally:
         if run.record is not None and trainer.is_global_zero:
             run.record.write(result.status, result.error, result.metrics, trainer, ckpt)
     return result
+
+
+def _ddp_failure(e: BaseException, cfg: Config) -> str | None:
+    """One line for a DDP rendezvous that timed out or a peer rank that died (gloo / NCCL), else None."""
+    t = cfg.trainer
+    if t.strategy not in ("ddp", "ddp_spawn") and t.num_nodes == 1:
+        return None
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". This is typically")[0]
+    seconds = int(DDP_TIMEOUT.total_seconds())
+    if isinstance(e, torch.distributed.DistStoreError) or "waiting for clients" in first:
+        return (
+            f"DDP rendezvous failed within {seconds} s ({first}); trainer.num_nodes={t.num_nodes}: start the "
+            "same command on every node (torchrun or SLURM, see README), or set trainer.num_nodes=1"
+        )
+    peer = ("Connection reset", "Connection closed", "Broken pipe", "gloo", "NCCL", "timed out", "Timed out")
+    if isinstance(e, (torch.distributed.DistError, RuntimeError)) and any(m in first for m in peer):
+        return f"DDP: another rank failed, was killed or stopped answering within {seconds} s ({first})"
+    return None
