@@ -235,6 +235,7 @@ class RunDir:
     path: Path | None
     record: RunRecord | None = None
     lock: RunLock | None = None
+    stop: StopSignals | None = None  # the run's signal handling, for its callbacks
 
     def close(self) -> None:
         if self.lock is not None:
@@ -248,14 +249,14 @@ def open_run_dir(cfg: Config, resume: Resume, stop: StopSignals) -> Iterator[Run
     Called once config, data and model are known to be good, so a failure before leaves nothing.
     """
     if cfg.trainer.fast_dev_run:
-        yield RunDir(None)
+        yield RunDir(None, stop=stop)
         return
     if not _is_rank_zero():  # a DDP rank launched by rank 0, which made the directory and writes it
-        yield RunDir(Path(os.environ[RUN_DIR_ENV]) if RUN_DIR_ENV in os.environ else None)
+        yield RunDir(Path(os.environ[RUN_DIR_ENV]) if RUN_DIR_ENV in os.environ else None, stop=stop)
         return
     stop.defer()  # from here on a signal is recorded and stops the run where its records can be written
     path = resume.run_dir if resume.run_dir is not None else make_run_dir(cfg.output_dir, cfg.name)
-    run = RunDir(path, lock=RunLock(path))
+    run = RunDir(path, lock=RunLock(path), stop=stop)
     assert run.lock is not None
     run.lock.acquire()
     try:
@@ -582,9 +583,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, callbacks: list[Callback]) 
     )
 
 
-def _callbacks(
-    cfg: Config, run: RunDir, stop: StopSignals | None = None
-) -> tuple[list[Callback], ModelCheckpoint | None, EarlyStopping | None]:
+def _callbacks(cfg: Config, run: RunDir) -> tuple[list[Callback], ModelCheckpoint | None, EarlyStopping | None]:
     run_dir = run.path
     ckpt_dir = run_dir / "checkpoints" if run_dir else None
     record = run.record
@@ -622,7 +621,7 @@ def _callbacks(
     last = LastCheckpoint(  # after BestCheckpoint: see LastCheckpoint
         ckpt_dir if cfg.checkpoint.enabled else None,
         cfg.checkpoint.every_n_steps,
-        stop,
+        run.stop,
         on_save=None if record is None else lambda trainer: record.write("running", trainer=trainer),
     )
     callbacks.append(last)
@@ -791,7 +790,7 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
             # config.yaml keeps `auto`
             used = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, threads=threads))
             module = Classifier(model, used)
-            run_callbacks, ckpt, early = _callbacks(cfg, run, stop)
+            run_callbacks, ckpt, early = _callbacks(cfg, run)
             trainer = build_trainer(cfg, run.path, [*run_callbacks, *callbacks])
             if _is_rank_zero() and cfg.trainer.progress_bar:
                 print(_header(cfg, run.path, data, model, trainer, threads, origin.path))
