@@ -252,7 +252,7 @@ def plot(rows: list[dict[str, Any]], ks: tuple[int, ...], path: Path) -> Path:
     cols = min(4, n)
     nrows = -(-n // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.4 * nrows), squeeze=False)
-    floor = 1e-20  # an exact 0 has no log: draw it at the bottom
+    floor = 1e-8  # exact nets (0 or rounding, < 1e-25) have no useful log: draw them at the bottom
     style = {
         "deep, exact": ("*", "tab:red", 12),
         "shallow, exact": ("D", "tab:blue", 7),
@@ -300,7 +300,7 @@ def plot(rows: list[dict[str, Any]], ks: tuple[int, ...], path: Path) -> Path:
     for extra in list(axes.flat)[len(ks) + 1 :]:
         extra.axis("off")
     fig.suptitle(
-        "Sawtooth t^k: test mse vs parameters (gray: predicting the mean, 1/12; exact 0 drawn at 1e-20)", fontsize=10
+        "Sawtooth t^k: test mse vs parameters (gray: predicting the mean, 1/12; exact nets drawn at 1e-8)", fontsize=10
     )
     return save_figure(fig, path)
 

@@ -69,11 +69,11 @@ class Sizes:
     scale_decades: float = 3.0
     scale_steps: int = 3000
     scale_target: float = 1e-3  # excess loss relative to the start
-    scale_lrs: tuple[float, ...] = tuple(float(v) for v in np.logspace(-4, 1, 11))
+    scale_lrs: tuple[float, ...] = tuple(float(v) for v in np.logspace(-4, 2, 13))
     reddi_steps: int = 30000
     prep_max_steps: int = 3000
     prep_target: float = 0.1  # training cross-entropy
-    prep_lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    prep_lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
     prep_every: int = 10
 
 
