@@ -242,3 +242,11 @@ def test_cli_quick_init_writes_a_fresh_version(tmp_path: Path) -> None:
     out = tmp_path / "init" / "version_1"
     assert (out / "init.md").exists() and (out / "init.png").stat().st_size > 1000
     assert "agrees with the lecture?" in r.stdout and str(out) in r.stdout
+
+
+def test_cli_bad_flag_is_one_error_line_and_writes_nothing(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "deepnets.experiments", "init", "--every", "0", "--out", str(tmp_path / "runs")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: --every: must be >= 1, got 0"]
+    assert not (tmp_path / "runs").exists()

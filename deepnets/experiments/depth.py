@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deepnets.errors import UserError
 from deepnets.experiments.common import base_parser, new_run_dir, plt, save_figure, torch_threads, verdict, write_table
 
 DTYPE = torch.float64  # the exact construction's error is rounding only: show it at float64's level
@@ -318,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="random inits per deep trained net (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: these nets are tiny)")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        raise UserError(f"--threads: must be >= 1, got {args.threads}")
     sizes = QUICK if args.quick else Sizes()
     if args.seeds is not None:
         sizes = Sizes(**{**sizes.__dict__, "deep_seeds": max(1, args.seeds)})

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from deepnets.config import DataConfig
 from deepnets.data import load_splits
+from deepnets.errors import UserError
 from deepnets.experiments.common import base_parser, new_run_dir, plt, save_figure, torch_threads, verdict, write_table
 from deepnets.models import build_model, depth_ordered_layers
 
@@ -284,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=64, help="hidden width (default 64)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: these nets are tiny)")
     args = p.parse_args(argv)
+    for flag in ("steps", "every", "depth", "width", "threads"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
+    if not args.lr > 0:
+        raise UserError(f"--lr: must be > 0, got {args.lr}")
     if args.quick:
         args.steps, args.every = min(args.steps, 80), min(args.every, 10)
     out = new_run_dir(args.out, "init")

@@ -51,6 +51,7 @@ from torch import Tensor
 
 from deepnets.config import DataConfig
 from deepnets.data import load_splits
+from deepnets.errors import UserError
 from deepnets.experiments.common import base_parser, new_run_dir, plt, save_figure, torch_threads, verdict, write_table
 from deepnets.models import build_model
 
@@ -506,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser("optimizers", __doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: these problems are tiny)")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        raise UserError(f"--threads: must be >= 1, got {args.threads}")
     out = new_run_dir(args.out, "optimizers")
     print(f"optimizers: run directory {out}")
     with torch_threads(args.threads):
