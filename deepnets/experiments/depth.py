@@ -19,9 +19,10 @@ predicting the mean 1/2 everywhere scores Var(t^k) = 1/12 = 0.083):
   +-2^k, so this is the shallow net's best showing, not a straw man);
 - deep, trained: nets of the exact construction's shape (k hidden layers of width
   2) from PyTorch's default init, trained by Adam and by SGD with momentum on
-  the same training points. These usually fail: a width-2 ReLU layer easily
-  loses a unit (dead ReLU) and then the whole net is a few pieces at best. The
-  function class holds t^k; gradient descent does not find it.
+  the same training points. In our runs they all fail, ending near the
+  constant's error (a likely reason: once a unit of a width-2 layer is dead on
+  all of [0, 1], the layer passes on one linear piece). The function class
+  holds t^k; gradient descent from a random init does not find it.
 
     python -m deepnets.experiments depth [--quick] [--seeds 3]
 
