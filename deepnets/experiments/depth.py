@@ -15,8 +15,9 @@ predicting the mean 1/2 everywhere scores Var(t^k) = 1/12 = 0.083):
 - shallow, exact: m = 2^k units with breakpoints at j / 2^k (3 * 2^k + 1 parameters);
 - shallow, trained: m random breakpoints (uniform in [0, 1]) and the output layer
   fitted by least squares, the global optimum of the convex part, at growing m
-  (plain Adam from PyTorch's default init does much worse on these slopes of
-  +-2^k, so this is the shallow net's best showing, not a straw man);
+  (in a prototype, Adam on all parameters stayed near the constant's error
+  from k = 4 on: the head must reach slopes of +-2^k; so this is the shallow
+  net's best showing, not a straw man);
 - deep, trained: nets of the exact construction's shape (k hidden layers of width
   2) from PyTorch's default init, trained by Adam and by SGD with momentum on
   the same training points. In our runs they all fail, ending near the
