@@ -14,6 +14,9 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "autodiff": ("deepnets.experiments.autodiff", "what automatic differentiation does (and gets wrong)"),
     "vanishing": ("deepnets.experiments.vanishing", "vanishing / exploding gradients through depth"),
     "double_descent": ("deepnets.experiments.double_descent", "double descent over model width"),
+    "depth": ("deepnets.experiments.depth", "depth efficiency: the sawtooth a deep narrow net is exactly"),
+    "init": ("deepnets.experiments.initialisation", "initialisation: small but different"),
+    "optimizers": ("deepnets.experiments.optimizers", "momentum, per-coordinate steps, Adam's failure, whitening"),
 }
 
 

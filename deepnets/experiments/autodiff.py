@@ -1,6 +1,6 @@
 """What automatic differentiation does, what it costs, and where it is (silently) wrong.
 
-Four measurements:
+Six measurements:
 
 (a) ReLU at 0: AD applies the chain rule to whatever convention each primitive
     uses at a kink (PyTorch: relu'(0) = 0), so functions that all equal x get
@@ -13,6 +13,19 @@ Four measurements:
 (d) Correctness: `torch.autograd.gradcheck` in float64 on every block of the
     model zoo, and the truncation-vs-rounding error of finite differences
     (the V-shaped curve) that AD does not have.
+(e) Gradients of samples: AD cannot differentiate through a random draw.
+    `Normal(mu, 1).sample()` carries no gradient at all; `rsample()` (the
+    reparameterisation x = mu + z) and the score-function estimator
+    f(x) d/dmu log p(x; mu) (Williams 1992, REINFORCE) both estimate
+    d/dmu E[x^2] = 2 mu without bias, with per-sample variances 4 and
+    mu^4 + 14 mu^2 + 15.
+(f) The cheap gradient principle: reverse mode computes the whole gradient of a
+    scalar for a small constant times the cost of the function itself (Baur &
+    Strassen 1983; Griewank & Walther 2008, "Evaluating Derivatives": "often
+    within a factor of 5", as Kakade & Lee 2018 quote it; a matrix product
+    costs exactly 3x, one product forward and two backward). Measured as
+    (forward + backward) / forward for every block of the zoo on the CPU (and
+    the GPU with --device cuda), alternating the two.
 """
 
 from __future__ import annotations
@@ -33,10 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import DeviceType
+from torch.distributions import Normal
 from torch.func import functional_call, jacfwd, jacrev
 from torch.utils.checkpoint import checkpoint_sequential
+from torch.utils.flop_counter import FlopCounterMode
 
-from deepnets.experiments.common import base_parser, new_run_dir, plt, save_figure, write_table
+from deepnets.experiments.common import base_parser, new_run_dir, plt, save_figure, verdict, write_table
 from deepnets.models import build_model
 
 
@@ -54,6 +69,12 @@ class Sizes:
     ckpt_reps: int = 5
     gradcheck_fast: bool = False
     gradcheck_models: tuple[str, ...] | None = None  # keys of GRADCHECK_MODELS; None = all
+    sample_sizes: tuple[int, ...] = (1, 10, 100, 1000)
+    sample_repeats: int = 2000
+    cheap_rounds: int = 30  # alternating forward / forward+backward timings per block
+    cheap_fc_batch: int = 256
+    cheap_conv_batch: int = 16
+    cheap_models: tuple[str, ...] | None = None  # keys of CHEAP_MODELS; None = all
 
 
 QUICK = Sizes(
@@ -66,6 +87,11 @@ QUICK = Sizes(
     ckpt_segments=(2, 4),
     ckpt_reps=2,
     gradcheck_fast=True,
+    sample_sizes=(1, 10, 100),
+    sample_repeats=500,
+    cheap_rounds=3,
+    cheap_fc_batch=64,
+    cheap_conv_batch=4,
 )
 
 
@@ -469,11 +495,169 @@ def plot_finite_differences(curve: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+# ---------------------------------------------------------------- (e) gradients of samples
+
+CHEAP_BOUND = 5.0  # "often within a factor of 5" (Griewank & Walther 2008, quoted by Kakade & Lee 2018)
+
+
+def sample_gradient(mu: float) -> dict[str, Any]:
+    """What autograd gives for d/dmu of a plain `sample()`: nothing (the draw is outside the graph)."""
+    m = torch.tensor(mu, dtype=torch.float64, requires_grad=True)
+    x = Normal(m, 1.0).sample()
+    try:
+        torch.autograd.grad(x**2, m)
+        outcome = "a gradient (unexpected)"
+    except RuntimeError as e:
+        outcome = f"RuntimeError: {str(e).splitlines()[0]}"
+    return {"requires_grad": x.requires_grad, "grad_fn": str(x.grad_fn), "autograd.grad": outcome}
+
+
+def sample_estimators(mu: float, sizes: tuple[int, ...], repeats: int, seed: int) -> list[dict[str, Any]]:
+    """Mean and variance over `repeats` runs of the rsample and score-function estimates of d/dmu E[x^2].
+
+    One estimate is the mean over N samples; all repeats are one batched draw
+    with mu repeated (R,), so autograd hands back each repeat's own estimate.
+    """
+    torch.manual_seed(seed)
+    truth = 2 * mu
+    per_sample_var = {"rsample (reparameterisation)": 4.0, "score function (REINFORCE)": mu**4 + 14 * mu**2 + 15}
+    rows = []
+    for n in sizes:
+        m = torch.full((repeats,), mu, dtype=torch.float64, requires_grad=True)  # (R,)
+        dist = Normal(m, 1.0)
+        x = dist.rsample((n,))  # (N, R), x = mu + z: differentiable in mu
+        (g_r,) = torch.autograd.grad((x**2).mean(0).sum(), m)  # (R,): 2 x averaged
+        x = dist.sample((n,))  # (N, R), no gradient path
+        surrogate = ((x**2) * dist.log_prob(x)).mean(0).sum()  # d/dmu: f(x) (x - mu)
+        (g_s,) = torch.autograd.grad(surrogate, m)  # (R,)
+        for name, g in (("rsample (reparameterisation)", g_r), ("score function (REINFORCE)", g_s)):
+            mean, var = float(g.mean()), float(g.var())
+            se = math.sqrt(var / repeats)
+            rows.append(
+                {
+                    "N samples": n,
+                    "estimator": name,
+                    "truth 2 mu": truth,
+                    f"mean of {repeats} estimates": mean,
+                    "(mean - truth) / s.e.": (mean - truth) / se,
+                    "variance of the estimate": var,
+                    "theory: per-sample variance / N": per_sample_var[name] / n,
+                    "unbiased?": verdict(abs(mean - truth) < 4 * se, f"mean within {abs(mean - truth) / se:.1f} s.e."),
+                }
+            )
+    for n in sizes:  # lower variance for the reparameterisation, size by size
+        r, sc = (r for r in rows if r["N samples"] == n)
+        r["lower variance than score function?"] = verdict(
+            r["variance of the estimate"] < sc["variance of the estimate"],
+            f"{r['variance of the estimate']:.3g} vs {sc['variance of the estimate']:.3g}",
+        )
+    return rows
+
+
+# ---------------------------------------------------------------- (f) the cheap gradient principle
+
+# One moderate instance of every block type of the zoo: big enough that the
+# arithmetic, not Python's per-op overhead, dominates the time.
+CHEAP_MODELS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
+    "mlp (Linear-BN-ReLU)": ({"arch": "mlp", "depth": 4, "width": 256, "batch_norm": True}, (256,)),
+    "skipnet": ({"arch": "skipnet", "depth": 4, "width": 256, "skip_from": "all"}, (256,)),
+    "resmlp": ({"arch": "resmlp", "depth": 2, "width": 256, "batch_norm": True}, (256,)),
+    "resmlp preact": ({"arch": "resmlp", "depth": 2, "width": 256, "batch_norm": True, "preact": True}, (256,)),
+    "densemlp": ({"arch": "densemlp", "width": 64, "growth_rate": 32, "layers_per_block": 4, "num_blocks": 2}, (256,)),
+    "resnet basic": ({"arch": "resnet", "stage_depths": [1, 1], "width": 16}, (3, 32, 32)),
+    "resnet bottleneck": ({"arch": "resnet", "block": "bottleneck", "stage_depths": [1, 1], "width": 16}, (3, 32, 32)),
+    "resnet preact": ({"arch": "resnet", "preact": True, "stage_depths": [1, 1], "width": 16}, (3, 32, 32)),
+    "densenet": (
+        {"arch": "densenet", "stage_depths": [2, 2], "growth_rate": 8, "num_init_features": 16, "bn_size": 2},
+        (3, 32, 32),
+    ),
+}
+
+
+def cheap_gradient(
+    name: str, fc_batch: int, conv_batch: int, rounds: int, device: torch.device, seed: int
+) -> dict[str, Any]:
+    """Median time of the loss alone (no graph) and of loss + gradient w.r.t. every parameter, alternated.
+
+    Also the ratio of their floating-point operations in matrix products and
+    convolutions (`FlopCounterMode`): the count the principle is about, free of
+    timing noise (elementwise ops are not counted).
+    """
+    cfg, shape = CHEAP_MODELS[name]
+    torch.manual_seed(seed)
+    model = build_model(cfg, shape, 10).to(device).train()
+    batch = fc_batch if len(shape) == 1 else conv_batch
+    x = torch.randn(batch, *shape, device=device)  # (B, *shape)
+    y = torch.randint(0, 10, (batch,), device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward() -> None:
+        with torch.no_grad():
+            F.cross_entropy(model(x), y)
+
+    def forward_backward() -> None:
+        torch.autograd.grad(F.cross_entropy(model(x), y), params)  # every parameter's gradient, nothing kept
+
+    def timed(fn: Callable[[], None]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    forward(), forward_backward()  # warm-up: lazy init, allocator
+    flops = []
+    for fn in (forward, forward_backward):  # the op count, which machine load cannot touch
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        flops.append(counter.get_total_flops())
+    tf, tfb = [], []
+    for _ in range(rounds):  # alternating: a change in machine load hits both alike
+        tf.append(timed(forward))
+        tfb.append(timed(forward_backward))
+    # the minimum, not the median: on a shared machine, preemption (~10 ms slices) only ever adds time, and a
+    # 1 ms forward pass is hit in about every other call; the fastest round is the closest to the op cost
+    f, fb = min(tf), min(tfb)
+    ratio = fb / f
+    return {
+        "block": name,
+        "device": device.type,
+        "batch": batch,
+        "parameters": sum(p.numel() for p in params),
+        "forward ms": 1e3 * f,
+        "forward + backward ms": 1e3 * fb,
+        "ratio": ratio,
+        "flop ratio (matmul + conv)": flops[1] / flops[0],
+        "bound (Griewank & Walther)": f"<= ~{CHEAP_BOUND:g}",
+        "agrees with the lecture?": verdict(
+            ratio <= CHEAP_BOUND,
+            f"the gradient costs {ratio:.1f}x the function" + ("" if ratio <= CHEAP_BOUND else ", above the bound"),
+        ),
+    }
+
+
+def cheap_gradient_zoo(
+    names: tuple[str, ...] | None, fc_batch: int, conv_batch: int, rounds: int, device: torch.device, seed: int
+) -> list[dict[str, Any]]:
+    """Single-threaded on the CPU (the existing parts' convention): the op count, not a thread pool's luck."""
+    if device.type == "cpu":
+        with _threads(1):
+            return [
+                cheap_gradient(n, fc_batch, conv_batch, rounds, device, seed) for n in (names or tuple(CHEAP_MODELS))
+            ]
+    return [cheap_gradient(n, fc_batch, conv_batch, rounds, device, seed) for n in (names or tuple(CHEAP_MODELS))]
+
+
 # ---------------------------------------------------------------- entry point
 
 
+CPU = torch.device("cpu")
+
+
 def run(out: Path, sizes: Sizes, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """All four parts into the run directory `out`; returns the tables."""
+    """All six parts into the run directory `out`; returns the tables."""
     s = sizes
     relu = relu_table()
     write_table(relu, out / "relu_at_zero")
@@ -497,6 +681,17 @@ def run(out: Path, sizes: Sizes, device: torch.device, seed: int = 0) -> dict[st
     write_table(curve, out / "finite_differences_curve")
     write_table(fd_best, out / "finite_differences")
     plot_finite_differences(curve, out / "finite_differences.png")
+
+    no_grad = sample_gradient(1.0)
+    write_table([{"call": "Normal(mu, 1).sample()", **no_grad}], out / "sample_no_gradient")
+    samples = sample_estimators(1.0, s.sample_sizes, s.sample_repeats, seed)
+    write_table(samples, out / "sample_gradients")
+    cheap = [  # the CPU always; the GPU too with --device cuda (ratios per device, never across)
+        r
+        for dev in devices
+        for r in cheap_gradient_zoo(s.cheap_models, s.cheap_fc_batch, s.cheap_conv_batch, s.cheap_rounds, dev, seed)
+    ]
+    write_table(cheap, out / "cheap_gradient")
 
     jac_wins = {m: sum(r["faster"] == m for r in jac) for m in ("jacfwd", "jacrev")}
     n_big, m_small = max(s.jac_dims), min(s.jac_dims)
@@ -535,6 +730,23 @@ def run(out: Path, sizes: Sizes, device: torch.device, seed: int = 0) -> dict[st
                 for r in fd_best
             ),
         },
+        {
+            "part": "gradient of a sample",
+            "measured": f"Normal(mu, 1).sample(): requires_grad = {no_grad['requires_grad']}, "
+            f"autograd.grad gives {no_grad['autograd.grad'].split(':')[0]}; "
+            + "; ".join(
+                f"N={r['N samples']} {r['estimator'].split(' ')[0]}: {r[f'mean of {s.sample_repeats} estimates']:.3f} "
+                f"(var {r['variance of the estimate']:.3g})"
+                for r in samples
+            )
+            + " (truth 2.000)",
+        },
+        {
+            "part": "cheap gradient (CPU: 1 thread)",
+            "measured": "(forward + backward) / forward: "
+            + ", ".join(f"{r['block']} ({r['device']}) {r['ratio']:.2f}" for r in cheap)
+            + f"; bound ~{CHEAP_BOUND:g} (Griewank & Walther)",
+        },
     ]
     return {
         "summary": write_table(summary, out / "summary"),
@@ -543,6 +755,9 @@ def run(out: Path, sizes: Sizes, device: torch.device, seed: int = 0) -> dict[st
         "checkpointing": ckpt,
         "gradcheck": grad,
         "finite_differences": fd_best,
+        "sample_no_gradient": no_grad,
+        "sample_gradients": samples,
+        "cheap_gradient": cheap,
     }
 
 
@@ -552,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         "--device",
         default="auto",
         choices=["auto", "cpu", "cuda"],
-        help="checkpointing is always measured on CPU, and also here when cuda",
+        help="checkpointing and the cheap gradient are always measured on CPU, and also here when cuda",
     )
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import matplotlib.pyplot as plt
 
 from deepnets.rundir import next_dir
 
-__all__ = ["base_parser", "fmt", "new_run_dir", "plt", "save_figure", "write_table"]
+__all__ = ["base_parser", "fmt", "new_run_dir", "plt", "save_figure", "torch_threads", "verdict", "write_table"]
 
 DEFAULT_OUT = "runs/experiments"
 
@@ -63,3 +64,24 @@ def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the body with `torch.set_num_threads(n)`, restoring the previous count after.
+
+    The experiments' nets are tiny: on shared cores, more threads only add contention.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def verdict(agrees: bool, why: str) -> str:
+    """Table text saying whether a measurement agrees with the lecture's claim, and why, for a student."""
+    return f"{'yes' if agrees else 'NO'}: {why}"
