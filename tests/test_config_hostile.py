@@ -271,7 +271,7 @@ CASES: list[tuple[str, str | bytes | None, list[str], str]] = [
     ("home-unknown-user", None, ["output_dir=~nosuchuser_x/runs"], "output_dir: cannot expand '~nosuchuser_x'"),
     ("arch-typo", None, ["model.arch=resnt"], "model.arch: expected one of mlp, skipnet, resmlp, densemlp, resnet"),
     ("lr-find-and-probe", None, ["trainer.lr_find=true", "trainer.lr_probe=[0.1]"], "trainer.lr_find and"),
-    ("sweep-key-not-str", None, ["sweep.params={1: [2]}"], "sweep.params: expected dict[str, list[Any]]"),
+    ("sweep-key-not-str", None, ["sweep.params={1: [2]}"], "sweep.params: key 1 is not a string"),
     ("override-shape", None, ["model.depth"], "override 'model.depth' must look like dotted.key=value"),
     ("missing-config", None, ["--config", "no_such_config"], "config 'no_such_config' not found"),
     ("argparse", None, ["--resume"], "error: argument --resume: expected one argument"),

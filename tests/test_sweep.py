@@ -484,7 +484,8 @@ def test_interrupted_run_continues_from_its_checkpoint_on_resume(tmp_path: Path,
     assert first.signum == signal.SIGTERM and not first.ok  # the sweep stopped with its run
     assert [r["status"] for r in first.rows] == ["interrupted"]
     run_dir = first.sweep_dir / first.rows[0]["run_dir"]
-    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 4  # the step after the signal
+    # the step in flight when the signal came (the run's last.ckpt callback runs after the others)
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 3
 
     res = resume(first.sweep_dir, verbose=False)
     assert res.ok and [r["status"] for r in res.rows] == ["completed", "completed"]
@@ -492,5 +493,5 @@ def test_interrupted_run_continues_from_its_checkpoint_on_resume(tmp_path: Path,
     # the run still waiting went first (the queue is FIFO), then the interrupted one went on from its last.ckpt
     assert resumes == [None, None, ckpt]
     info = json.loads((run_dir / "metrics.json").read_text())
-    assert (info["status"], info["steps"], info["resumed_from"]) == ("completed", 6, ckpt)
+    assert (info["status"], info["steps"], info["resumed_from"]) == ("completed", 6, "checkpoints/last.ckpt")
     assert res.rows[0]["run_dir"] == first.rows[0]["run_dir"] and int(res.rows[0]["steps"]) == 6

@@ -142,7 +142,7 @@ def test_killed_sweep_resumes_without_redoing_its_first_point(
         assert r["run_dir"].endswith(versions[-1])
     for d in stopped:  # interrupted with a checkpoint: continued in its own directory, not started again
         info = json.loads((d / "metrics.json").read_text())
-        assert info["status"] == "completed" and info["resumed_from"] == str(d / "checkpoints" / "last.ckpt")
+        assert info["status"] == "completed" and info["resumed_from"] == "checkpoints/last.ckpt"  # relative to the run
         assert str(d.relative_to(sweep_dir)) in [r["run_dir"] for r in rows]
 
 
