@@ -14,12 +14,11 @@ logged step, the first/last-layer ratio over steps, and the learning curves. The
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 
 from deepnets.errors import UserError
 from deepnets.monitor import describe_model, first_nonzero_row
+from deepnets.tables import write_table
 
 __all__ = ["RunRecord", "figure", "find_runs", "load_run", "main", "summary_rows", "write_comparison", "write_table"]
 
@@ -180,29 +180,6 @@ def summary_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
 
 def _cell(v: float | None) -> float | str:
     return "" if v is None else float(v)
-
-
-def fmt(v: Any) -> str:
-    """Table cell text: floats in 4 significant digits, scientific when tiny (1e-10 is never 0)."""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def write_table(rows: Sequence[Mapping[str, Any]], path_stem: str | Path) -> str:
-    """`rows` to `<stem>.csv` (full precision) and `<stem>.md`; returns the markdown."""
-    stem = Path(path_stem)
-    cols = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    esc = lambda v: fmt(v).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(esc(r.get(c, "")) for c in cols) + " |" for r in rows]
-    md = "\n".join(lines) + "\n"
-    stem.with_suffix(".md").write_text(md)
-    return md
 
 
 def figure(runs: Sequence[RunRecord]) -> Any:

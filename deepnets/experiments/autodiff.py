@@ -51,7 +51,7 @@ from torch.func import functional_call, jacfwd, jacrev
 from torch.utils.checkpoint import checkpoint_sequential
 from torch.utils.flop_counter import FlopCounterMode
 
-from deepnets.experiments.common import base_parser, new_run_dir, plt, save_figure, verdict, write_table
+from deepnets.experiments.common import base_parser, new_run_dir, plt, save_figure, torch_threads, verdict, write_table
 from deepnets.models import build_model
 
 
@@ -159,23 +159,13 @@ def median_time(fn: Callable[[], Any], min_time: float) -> float:
     return float(np.median(times))
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def jacobian_timing(dims: tuple[int, ...], hidden: int, min_time: float, seed: int) -> list[dict[str, Any]]:
     """Time jacfwd and jacrev for the full Jacobian of f(x) = W3 tanh(W2 tanh(W1 x)), R^n -> R^m.
 
     Single-threaded: the cost of n JVPs vs m VJPs, not how well a thread pool
     hides small matrix products.
     """
-    with _threads(1):
+    with torch_threads(1):
         return _jacobian_timing(dims, hidden, min_time, seed)
 
 
@@ -643,7 +633,7 @@ def cheap_gradient_zoo(
 ) -> list[dict[str, Any]]:
     """Single-threaded on the CPU (the existing parts' convention): the op count, not a thread pool's luck."""
     if device.type == "cpu":
-        with _threads(1):
+        with torch_threads(1):
             return [
                 cheap_gradient(n, fc_batch, conv_batch, rounds, device, seed) for n in (names or tuple(CHEAP_MODELS))
             ]

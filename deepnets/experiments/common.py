@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ matplotlib.use("Agg")  # headless: experiments run on servers and in CI
 import matplotlib.pyplot as plt
 
 from deepnets.rundir import next_dir
+from deepnets.tables import fmt, write_table
 
 __all__ = ["base_parser", "fmt", "new_run_dir", "plt", "save_figure", "torch_threads", "verdict", "write_table"]
 
@@ -34,28 +34,6 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
 def new_run_dir(root: str | os.PathLike[str], name: str) -> Path:
     """Create and return a fresh `<root>/<name>/version_<n>/`, never reusing an existing one."""
     return next_dir(Path(root) / name, "version", "--out")
-
-
-def fmt(v: Any) -> str:
-    """Compact cell text: floats in 4 significant digits (scientific when tiny or huge)."""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def write_table(rows: Sequence[Mapping[str, Any]], path_stem: str | os.PathLike[str]) -> str:
-    """Write `rows` to `<stem>.csv` (full precision) and `<stem>.md`; return the markdown."""
-    stem = Path(path_stem)
-    cols = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    md = "\n".join(lines) + "\n"
-    stem.with_suffix(".md").write_text(md)
-    return md
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
