@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-GPU check of deepnets: ResNet-18 images/s (fp32, bf16-mixed, + channels_last,
 # + torch.compile), MLP steps/s and a host-sync check, printed as one table.
-# Under 5 minutes on one H100. Run from anywhere: `bash bench/gpu_check.sh [--cpu-smoke]`.
+# Under 5 minutes on one H100, then the autodiff experiment's cheap-gradient rows on the GPU (--quick,
+# at most 2 min). Run from anywhere: `bash bench/gpu_check.sh [--cpu-smoke]`.
 # Writes $OUT/gpu_check.json when OUT is set. Without a GPU it says so and exits 0.
 # Environment: PYTHON (interpreter to use), GPU_CHECK_BUDGET_S (default 270).
 set -uo pipefail
@@ -28,4 +29,13 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 # A hard stop a little above the script's own budget, so a wedged run cannot hang the caller.
 limit=295; for a in "$@"; do [[ $a == --cpu-smoke ]] && limit=3700; done
-exec timeout --signal=INT --kill-after=20 "${GPU_CHECK_TIMEOUT_S:-$limit}" "$PY" bench/gpu_check.py "$@"
+timeout --signal=INT --kill-after=20 "${GPU_CHECK_TIMEOUT_S:-$limit}" "$PY" bench/gpu_check.py "$@"
+rc=$?
+# The cheap-gradient principle on the GPU (issue 19): forward+backward over forward time and flops for every
+# block of the zoo, as the CPU table in the README (`python -m deepnets.experiments autodiff`).
+if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "gpu_check: autodiff --quick --device cuda (cheap-gradient rows on the GPU)"
+  timeout --signal=INT --kill-after=10 120 "$PY" -m deepnets.experiments autodiff --quick --device cuda \
+    --out "${OUT:-$(mktemp -d /tmp/deepnets_gpu_autodiff.XXXXXX)}" || rc=$?
+fi
+exit "$rc"
