@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +25,7 @@ from deepnets.config import CONFIGS_DIR, load_config
 from deepnets.errors import UserError
 from deepnets.run import loader_states, nonfinite_weights, train
 from deepnets.rundir import RunLock
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, run_cli, wait_for_file
 
 
 def _finite(path: Path) -> bool:
@@ -160,24 +159,13 @@ def _long_run(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
     )
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"{path} never appeared")
-        time.sleep(0.01)
-
-
 def test_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path: Path) -> None:
     run = tmp_path / "runs" / "tiny" / "version_0"
     first = _long_run(tmp_path)
     args = _long_args(tmp_path)
     resume_cfg = load_config(args[1], args[2:])  # the first run's config, for in-process resumes
     try:
-        _wait_for(run / "checkpoints" / "last.ckpt", first)
+        wait_for_file(run / "checkpoints" / "last.ckpt", first)
         with pytest.raises(UserError) as e:  # a second `--resume last` while the first run writes
             train(resume_cfg, resume="last")
         assert str(e.value).startswith(f"{run} is in use by another run (pid {first.pid} on ")

@@ -17,7 +17,7 @@ from deepnets.checkpoint import load_checkpoint
 from deepnets.config import CONFIGS_DIR, load_config
 from deepnets.errors import UserError
 from deepnets.run import make_run_dir, train
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, run_cli, wait_for_file
 
 
 def scalars(run_dir: Path) -> set[str]:
@@ -171,17 +171,6 @@ def _spawn(args: list[str]) -> subprocess.Popen[str]:
     )
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"{path} never appeared")
-        time.sleep(0.005)
-
-
 LONG = [
     "data.num_samples=1500",
     "data.batch_size=16",
@@ -199,7 +188,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
     ref = load_checkpoint(tmp_path / "ref" / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt")
     proc = _spawn(_tiny_args(tmp_path, *LONG))
     last = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
-    _wait_for(last, proc)
+    wait_for_file(last, proc)
     time.sleep(0.1)  # let it run past the checkpoint a little before the kill
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -217,7 +206,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
 def test_sigterm_checkpoints_and_is_resumable(tmp_path: Path) -> None:
     proc = _spawn(_tiny_args(tmp_path, *LONG))
     run = tmp_path / "runs" / "tiny" / "version_0"
-    _wait_for(run / "checkpoints" / "last.ckpt", proc)
+    wait_for_file(run / "checkpoints" / "last.ckpt", proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
