@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  deepnets --config mlp.yaml\n  deepnets --config resnet model.width=32 optim.lr=0.05",
     )
-    p.add_argument("--config", "-c", help="config file, or a name in configs/ (with or without .yaml)")
+    p.add_argument("--config", "-c", help="config file, or a shipped config's name (with or without .yaml)")
+    p.add_argument("--list-configs", action="store_true", help="list the shipped configs (name, description) and exit")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config values (YAML scalars)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument(
@@ -78,6 +79,17 @@ def _main(args: argparse.Namespace) -> int:
         if value and value != "last":
             setattr(args, flag, os.path.expanduser(value))
 
+    if args.list_configs:
+        from deepnets.config import describe_config, shipped_configs
+
+        others = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v and k != "list_configs"]
+        if others:
+            raise UserError(f"--list-configs takes no other arguments (got {' '.join(others)})")
+        shipped = shipped_configs()
+        width = max(map(len, shipped), default=0)
+        for name, path in shipped.items():  # one line each; a run takes the name: --config NAME
+            print(f"{name:<{width}}  {describe_config(path)}".rstrip())
+        return 0
     if args.export or args.evaluate:
         from deepnets.export import evaluate, export_run
 
@@ -102,7 +114,7 @@ def _main(args: argparse.Namespace) -> int:
         cfg = load_config(own, args.overrides) if own else None
         return resume_command(args.resume, cfg)
     if args.config is None:
-        raise UserError("--config is required (e.g. --config mlp.yaml; shipped configs live in configs/)")
+        raise UserError("--config is required (e.g. --config mlp.yaml; deepnets --list-configs lists the shipped ones)")
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")

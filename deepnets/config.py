@@ -38,7 +38,9 @@ import yaml
 
 from deepnets.errors import UserError
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs are package data (pyproject.toml), so an installed package finds them from any directory;
+# the repo's top-level `configs` is a symlink here, for the `configs/...` paths the docs and scripts quote.
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 SEED_MAX = 2**32 - 1  # numpy's seed range (Lightning's seed_everything seeds numpy too)
 
 
@@ -532,19 +534,85 @@ def parse_yaml(text: str, source: str) -> Any:
 # ---------------------------------------------------------------- loading
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The shipped configs, file name (`mlp.yaml`) -> path, sorted by name."""
+    try:
+        return {p.name: p for p in sorted(CONFIGS_DIR.glob("*.yaml")) if p.is_file()}
+    except OSError:  # the package directory unreadable: no shipped configs, said where they are looked up
+        return {}
+
+
+def describe_config(path: Path) -> str:
+    """A config's one-line description for `--list-configs`: its first comment line.
+
+    A first line that runs on into the next (no closing `.`, `)`, `!`, `?`) is cut at its first ": " (the
+    shipped headers read "Title: details ..."), else marked with " ..."; '' when the file starts without a
+    comment.
+    """
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            first = f.readline(1000).removeprefix("\ufeff").strip()
+    except OSError:
+        return ""
+    if not first.startswith("#"):
+        return ""
+    text = first.lstrip("#").strip()
+    if not text or text.endswith((".", ")", "!", "?")):
+        return text
+    head, sep, _ = text.partition(": ")
+    return head if sep else f"{text} ..."
+
+
 def resolve_config_path(name_or_path: str) -> Path:
-    """A path as given; otherwise configs/NAME or configs/NAME.yaml (cwd first, then the package's)."""
+    """A file at the path given; otherwise a shipped config by bare name (`mlp`, `mlp.yaml`), from any directory.
+
+    The path is cwd-relative with `~` expanded. A bare name is looked up among the shipped file names, never
+    joined to CONFIGS_DIR, so `..` or an absolute path cannot reach outside it. A dangling symlink in the way
+    of a shipped name is an error, not a silent fall-back to the shipped file.
+    """
+    if not name_or_path.strip():
+        raise UserError("--config is empty: give a config file or a shipped config name (deepnets --list-configs)")
+    shipped = shipped_configs()
+    bare = "/" not in name_or_path and not (os.altsep and os.altsep in name_or_path)
     try:
         p = Path(os.path.expanduser(name_or_path))
         if p.is_file():
             return p
-        for root in (Path("configs"), CONFIGS_DIR):
-            for cand in (root / name_or_path, root / f"{name_or_path}.yaml"):
-                if cand.is_file():
-                    return cand
-    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
-        pass
-    raise UserError(f"config {_show(name_or_path)} not found (looked in ., ./configs and {CONFIGS_DIR})")
+        dangling = p.is_symlink() and not p.exists()  # or a loop
+        if bare and not dangling:
+            hit = shipped.get(name_or_path) or shipped.get(f"{name_or_path}.yaml")
+            if hit is not None:
+                return hit
+        kind = "a directory" if p.is_dir() else "a device, FIFO or socket" if p.exists() else None
+        if dangling:
+            kind = f"a symlink to {_show(os.readlink(p))}, which does not resolve to a file"
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte, no permission
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "not a usable path"
+        raise UserError(f"config {_show(name_or_path)}: {reason}") from None
+    if kind is not None:
+        raise UserError(f"config {_show(name_or_path)} is {kind}, not a config file")
+    if bare:
+        hint = _shipped_hint(name_or_path, shipped)
+        raise UserError(f"config {_show(name_or_path)} not found (no such file, nor a shipped config); {hint}")
+    base = Path(name_or_path).name
+    name = base if base in shipped else f"{base}.yaml" if f"{base}.yaml" in shipped else None
+    if name is not None:  # `configs/mlp.yaml` (the repo's path) from another directory
+        raise UserError(
+            f"config {_show(name_or_path)} not found (no such file); the shipped {name} is found by name from any "
+            f"directory: --config {name}"
+        )
+    raise UserError(f"config {_show(name_or_path)} not found (no such file)")
+
+
+def _shipped_hint(name: str, shipped: Mapping[str, Path]) -> str:
+    """Did-you-mean over the shipped names (case-insensitive, with or without .yaml/.yml)."""
+    if not shipped:
+        return f"no shipped configs in {CONFIGS_DIR}"
+    stems = {n.removesuffix(".yaml").lower(): n for n in shipped}
+    query = name.lower().removesuffix(".yaml").removesuffix(".yml")
+    near = difflib.get_close_matches(query, list(stems), n=1, cutoff=0.6)
+    listing = "deepnets --list-configs shows the shipped configs"
+    return f"did you mean {stems[near[0]]}? ({listing})" if near else listing
 
 
 def read_config_text(path: Path) -> str:

@@ -101,7 +101,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path: Path) -> None:
 
 
 def test_readme_config_table_is_current() -> None:
-    readme = (CONFIGS_DIR.parent / "README.md").read_text()
+    readme = (CONFIGS_DIR.parent.parent / "README.md").read_text()
     missing = [row for row in markdown_table().splitlines() if row not in readme]
     assert not missing, "README config table is stale; regenerate with python -m deepnets.config --markdown"
 
@@ -439,7 +439,7 @@ def test_to_yaml_writes_sections_in_block_style() -> None:
 def test_readme_error_examples_are_true(capsys: pytest.CaptureFixture[str]) -> None:
     from deepnets.cli import main
 
-    readme = (CONFIGS_DIR.parent / "README.md").read_text()
+    readme = (CONFIGS_DIR.parent.parent / "README.md").read_text()
     examples = re.findall(r"^\$ python train\.py (--config mlp [^\n]+)\n(error: [^\n]+)$", readme, re.M)
     assert len(examples) >= 2
     for command, error in examples:
