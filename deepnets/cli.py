@@ -87,8 +87,13 @@ def _main(args: argparse.Namespace) -> int:
             raise UserError(f"--list-configs takes no other arguments (got {' '.join(others)})")
         shipped = shipped_configs()
         width = max(map(len, shipped), default=0)
-        for name, path in shipped.items():  # one line each; a run takes the name: --config NAME
-            print(f"{name:<{width}}  {describe_config(path)}".rstrip())
+        # one line each; a run takes the name (--config NAME) from any directory
+        text = "".join(f"{f'{name:<{width}}  {describe_config(path)}'.rstrip()}\n" for name, path in shipped.items())
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `deepnets --list-configs | head -3`: the reader left; no traceback at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.export or args.evaluate:
         from deepnets.export import evaluate, export_run
