@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.list_configs:
+        return _list_configs(args)
     from deepnets.config import SweepConfig, load_config, to_yaml
 
     for flag in ("resume", "export", "evaluate"):  # `--resume=~/x` reaches us unexpanded by the shell
@@ -79,22 +81,6 @@ def _main(args: argparse.Namespace) -> int:
         if value and value != "last":
             setattr(args, flag, os.path.expanduser(value))
 
-    if args.list_configs:
-        from deepnets.config import describe_config, shipped_configs
-
-        others = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if v and k != "list_configs"]
-        if others:
-            raise UserError(f"--list-configs takes no other arguments (got {' '.join(others)})")
-        shipped = shipped_configs()
-        width = max(map(len, shipped), default=0)
-        # one line each; a run takes the name (--config NAME) from any directory
-        text = "".join(f"{f'{name:<{width}}  {describe_config(path)}'.rstrip()}\n" for name, path in shipped.items())
-        try:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        except BrokenPipeError:  # `deepnets --list-configs | head -3`: the reader left; no traceback at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     if args.export or args.evaluate:
         from deepnets.export import evaluate, export_run
 
@@ -145,6 +131,29 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     print(f"error: run {result.status}: {result.error}", file=sys.stderr)
     return 128 + result.signum if result.signum else EXIT_FAILED
+
+
+def _list_configs(args: argparse.Namespace) -> int:
+    """`--list-configs`: the shipped configs, one line each (file name, first comment line), exit 0."""
+    from deepnets.config import describe_config, shipped_configs
+
+    others = [
+        "dotted.key=value overrides" if k == "overrides" else f"--{k.replace('_', '-')}"
+        for k, v in vars(args).items()
+        if v and k != "list_configs"
+    ]
+    if others:
+        raise UserError(f"--list-configs takes no other arguments (got {', '.join(others)})")
+    shipped = shipped_configs()
+    width = max(map(len, shipped), default=0)
+    # a run takes the name (--config NAME) from any directory
+    text = "".join(f"{f'{name:<{width}}  {describe_config(path)}'.rstrip()}\n" for name, path in shipped.items())
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `deepnets --list-configs | head -3`: the reader left; no traceback at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 if __name__ == "__main__":
