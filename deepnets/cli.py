@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  deepnets --config mlp.yaml\n  deepnets --config resnet model.width=32 optim.lr=0.05",
     )
-    p.add_argument("--config", "-c", help="config file, or a shipped config's name (with or without .yaml)")
+    p.add_argument("--config", "-c", metavar="NAME|FILE", help="a shipped config (mlp, mlp.yaml) or a config file")
     p.add_argument("--list-configs", action="store_true", help="list the shipped configs (name, description) and exit")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config values (YAML scalars)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
