@@ -149,10 +149,11 @@ def _list_configs(args: argparse.Namespace) -> int:
     # a run takes the name (--config NAME) from any directory
     text = "".join(f"{f'{name:<{width}}  {describe_config(path)}'.rstrip()}\n" for name, path in shipped.items())
     try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        print(text, end="", flush=True)  # print: a closed stdout (sys.stdout None) is no error
     except BrokenPipeError:  # `deepnets --list-configs | head -3`: the reader left; no traceback at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as e:  # `> /dev/full`
+        raise UserError(f"cannot write the list of configs to stdout: {e.strerror or e}") from None
     return 0
 
 

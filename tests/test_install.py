@@ -214,6 +214,20 @@ def test_list_configs_takes_no_other_arguments(capsys: pytest.CaptureFixture[str
     assert out == "" and err == "error: --list-configs takes no other arguments (got --config)\n"
 
 
+def test_list_configs_to_a_closed_pipe_or_a_full_disk(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "deepnets.cli", "--list-configs"]
+    # the reader is gone before the listing is written (`deepnets --list-configs | head -0`): no traceback
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path) as proc:
+        proc.stdout.close()
+        err = proc.stderr.read()
+    assert proc.returncode == 0 and err == b"", err
+    if Path("/dev/full").exists():
+        with open("/dev/full", "w") as full:
+            r = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=60)
+        assert r.returncode == 2
+        assert r.stderr == "error: cannot write the list of configs to stdout: No space left on device\n"
+
+
 @pytest.mark.parametrize(
     ("first_line", "description"),
     [
