@@ -38,4 +38,13 @@ if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
   timeout --signal=INT --kill-after=10 120 "$PY" -m deepnets.experiments autodiff --quick --device cuda \
     --out "${OUT:-$(mktemp -d /tmp/deepnets_gpu_autodiff.XXXXXX)}" || rc=$?
 fi
+# Exact metrics on the GPU (issue 15): a short digits run through train() at precision 32 and bf16-mixed,
+# val/test loss and accuracy from callback_metrics, metrics.json and --evaluate against the model applied by
+# hand (float64 sums), one PASS/FAIL row each; a FAIL makes this script exit non-zero.
+if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "gpu_check: exact_metrics --device cuda (reported metrics vs the model applied by hand)"
+  timeout --signal=INT --kill-after=10 240 "$PY" bench/exact_metrics.py --device cuda || rc=$?
+else
+  echo "gpu_check: exact_metrics skipped (no GPU visible to torch; bench/exact_metrics.py --device cpu runs it here)"
+fi
 exit "$rc"

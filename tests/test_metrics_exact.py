@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from deepnets.config import Config, load_config
 from deepnets.data import load_splits
 from deepnets.export import evaluate, export_run, load_exported
+from deepnets.handeval import by_hand
 from deepnets.models import build_model
 from deepnets.run import train
 
@@ -56,15 +57,6 @@ def config(tmp_path: Path, *overrides: str) -> Config:
             *overrides,
         ],
     )
-
-
-def by_hand(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over all samples: per-sample values summed in float64."""
-    with torch.no_grad():
-        logits = model(x)  # (N, K)
-        losses = F.cross_entropy(logits, y, reduction="none").double()  # (N,)
-        correct = (logits.argmax(1) == y).double()
-    return float(losses.sum() / len(y)), float(correct.sum() / len(y))
 
 
 class Record(L.Callback):
