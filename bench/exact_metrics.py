@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += got
     failed = [r for r in rows if r.ok is False]
     judged = sum(r.ok is not None for r in rows)
+    if args.device == "cuda":  # what the float32 rows ran under (TF32 would loosen them: "high"/"medium")
+        print(f"exact_metrics: float32 matmul precision after the runs: {torch.get_float32_matmul_precision()}")
     print(f"exact_metrics: {'FAIL' if failed else 'PASS'} ({len(failed)} of {judged} rows failed)")
     return 1 if failed else 0
 

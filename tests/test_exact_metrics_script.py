@@ -58,21 +58,26 @@ def test_passes_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
 
 @pytest.mark.slow
 def test_the_script_passes_as_gpu_check_runs_it(tmp_path: Path) -> None:
-    """A subprocess, with the `deepnets --evaluate` subprocess rows (~65 s on the busy 2-core machine)."""
+    """A subprocess, fp32 and bf16-mixed (CPU autocast), with the `deepnets --evaluate` subprocess rows
+    (~130 s on the busy 2-core machine)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(tmp_path)],
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(tmp_path), "--precision", "32", "bf16-mixed"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         env=env,
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    found = rows(proc.stdout)
-    assert set(found) == WANT | CLI_ROWS
-    assert set(found.values()) == {"PASS"}
-    assert proc.stdout.splitlines()[-1] == "exact_metrics: PASS (0 of 14 rows failed)"
+    lines = [m.groups() for line in proc.stdout.splitlines() if (m := ROW.match(line))]
+    judged = {(p, metric, src): v for v, p, metric, src in lines if v != "INFO"}
+    info = {(p, metric, src) for v, p, metric, src in lines if v == "INFO"}
+    assert set(judged) == {(p, *key) for p in ("32", "bf16-mixed") for key in WANT | CLI_ROWS}
+    assert set(judged.values()) == {"PASS"}
+    # bf16 is judged against the same weights under the same autocast; its gap to float64 is shown, not judged
+    assert info == {("bf16-mixed", m, "bf16-vs-f64") for m in ("val/loss", "val/acc", "test/loss", "test/acc")}
+    assert proc.stdout.splitlines()[-1] == f"exact_metrics: PASS (0 of {len(judged)} rows failed)"
 
 
 def test_fails_when_the_batch_weights_are_dropped(
