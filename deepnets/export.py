@@ -22,8 +22,8 @@ WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
 
 
 def _input_spec(cfg: Config) -> tuple[tuple[int, ...], int]:
-    dm = InMemoryDataModule(cfg.data, cfg.seed)
-    return dm.input_shape, dm.num_classes
+    dm = InMemoryDataModule(cfg.data, cfg.seed, task=cfg.task)
+    return dm.input_shape, dm.num_outputs
 
 
 def best_checkpoint(run_dir: Path) -> Path:

@@ -39,7 +39,7 @@ from deepnets.errors import UserError
 from deepnets.hparams import HParamsRecorder
 from deepnets.memory import check_fits, meta_model_for
 from deepnets.models import build_model
-from deepnets.module import Classifier, LossProgressBar
+from deepnets.module import LossProgressBar, TaskModule, module_from_config
 from deepnets.monitor import GradientFlowMonitor
 from deepnets.rundir import FULL, RunLock, check_writable, next_dir, read_json, remove_stale_temps, write_json_atomic
 from deepnets.tb import use_fast_crc
@@ -767,9 +767,9 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
             origin = resolve_resume(cfg, resume)
             if not cfg.trainer.fast_dev_run and origin.run_dir is None:
                 check_writable(cfg.output_dir)  # fail before reading data; the directory comes later
-            data = InMemoryDataModule(cfg.data, cfg.seed)
+            data = InMemoryDataModule(cfg.data, cfg.seed, task=cfg.task)
             data.setup("fit")  # read files now: missing or corrupt data fails before a model is built
-            model = build_model(cfg.model, data.input_shape, data.num_classes)
+            model = build_model(cfg.model, data.input_shape, data.num_outputs)
             if cfg.trainer.compile:
                 model.compile()  # in place: state_dict keys stay those of the plain model
         except Interrupted as e:  # nothing was written yet
@@ -789,7 +789,8 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
             # hparams.yaml and the checkpoints record the thread count used (it changes results);
             # config.yaml keeps `auto`
             used = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, threads=threads))
-            module = Classifier(model, used)
+            assert data.splits is not None
+            module = module_from_config(model, used, data.splits.y_train)  # regression: the target statistics
             run_callbacks, ckpt, early = _callbacks(cfg, run)
             trainer = build_trainer(cfg, run.path, [*run_callbacks, *callbacks])
             if _is_rank_zero() and cfg.trainer.progress_bar:
@@ -801,7 +802,7 @@ def _fit_and_test(
     cfg: Config,
     run: RunDir,
     trainer: L.Trainer,
-    module: Classifier,
+    module: TaskModule,
     data: InMemoryDataModule,
     ckpt_path: Path | None,
     ckpt: ModelCheckpoint | None,

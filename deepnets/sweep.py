@@ -288,8 +288,8 @@ def count_params(cfg: Config) -> int:
     from deepnets.data import InMemoryDataModule
     from deepnets.models import build_model
 
-    data = InMemoryDataModule(cfg.data, cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    data = InMemoryDataModule(cfg.data, cfg.seed, task=cfg.task)
+    model = build_model(cfg.model, data.input_shape, data.num_outputs)
     return sum(p.numel() for p in model.parameters())
 
 
