@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,7 +26,17 @@ from deepnets.models import depth_ordered_layers
 from deepnets.optimizers import OPTIMIZERS, optimizer_class
 from deepnets.tasks import TASKS
 
-__all__ = ["OPTIMIZERS", "TASKS", "Classifier", "TaskModule", "build_optimizer", "module_from_config", "target_stats"]
+__all__ = [
+    "OPTIMIZERS",
+    "TASKS",
+    "Classifier",
+    "TaskModule",
+    "build_optimizer",
+    "module_from_config",
+    "read_task_metadata",
+    "target_stats",
+    "task_metadata",
+]
 
 
 def is_logging_step(trainer: L.Trainer) -> bool:
@@ -220,6 +233,33 @@ def target_stats(y_train: Tensor) -> tuple[Tensor, Tensor]:
     mean, std = y.mean(0), y.std(0)
     std = torch.where(std > 0, std, torch.ones_like(std))
     return mean.float(), std.float()
+
+
+TASK_BUFFERS = ("target_mean", "target_std")  # regression's buffers in a TaskModule's state_dict
+
+
+def task_metadata(state: Mapping[str, Tensor]) -> dict[str, str]:
+    """A checkpoint state_dict's task buffers as safetensors metadata for an export: JSON lists, exact for
+    float32 values. Metadata rather than tensors, so the weights file still loads strictly into the bare model."""
+    return {f"deepnets.{k}": json.dumps(state[k].tolist()) for k in TASK_BUFFERS if k in state}
+
+
+def read_task_metadata(path: str | Path, task: str) -> dict[str, Tensor]:
+    """The TaskModule arguments (target_mean, target_std) stored by `task_metadata` in an export's weights file."""
+    if task != "regression":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return {k: torch.tensor(json.loads(meta[f"deepnets.{k}"]), dtype=torch.float32) for k in TASK_BUFFERS}
+    except KeyError:
+        raise UserError(
+            f"{path}: holds no target statistics (task regression); export the run again (deepnets --export RUN_DIR)"
+        ) from None
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path}: cannot read its target statistics: {' '.join(str(e).split())}") from None
 
 
 def _metric_dtype(device: torch.device) -> torch.dtype:
