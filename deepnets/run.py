@@ -668,7 +668,19 @@ def resolve_resume(cfg: Config, resume: str | None) -> Resume:
     path = find_last_checkpoint(cfg.output_dir, cfg.name) if resume == "last" else Path(resume)
     ckpt = load_checkpoint(path)  # fail now, with the file named, not deep inside Lightning
     # Weights only fit the architecture they were trained with: say which key differs, not a state_dict dump.
-    saved = (ckpt.get("hyper_parameters") or {}).get("model")
+    hparams = ckpt.get("hyper_parameters") or {}
+    # what the weights were fitted to: the task, and (regression) the target scaling in the checkpoint's buffers
+    saved_data = hparams.get("data") if isinstance(hparams.get("data"), dict) else {}
+    for key, old, new in (
+        ("task", hparams.get("task", "classification"), cfg.task),
+        ("data.standardize_target", saved_data.get("standardize_target", True), cfg.data.standardize_target),
+    ):
+        if old != new and (key == "task" or cfg.task == "regression"):
+            raise UserError(
+                f"--resume {path}: the checkpoint has {key}={old!r}, the config {key}={new!r}; "
+                f"resume with the run's own config ({path.parent.parent / 'config.yaml'})"
+            )
+    saved = hparams.get("model")
     if isinstance(saved, dict):
         current = cfg.to_dict()["model"]
         for key in current:

@@ -303,3 +303,16 @@ def test_regression_loss_scales_exactly() -> None:
     a, b, s = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64), 7.0
     assert float(F.mse_loss(s * a, s * b)) == pytest.approx(s**2 * float(F.mse_loss(a, b)))
     assert float(F.huber_loss(s * a, s * b, delta=s)) == pytest.approx(s**2 * float(F.huber_loss(a, b, delta=1.0)))
+
+
+def test_regression_resumes_and_refuses_other_target_scaling(tmp_path: Path) -> None:
+    first = train(regression(tmp_path, "data.standardize_target=false", "trainer.max_epochs=1"))
+    assert first.status == "completed"
+    with pytest.raises(UserError, match=r"the checkpoint has data.standardize_target=False, the config .*=True"):
+        train(regression(tmp_path, "trainer.max_epochs=2"), resume="last")
+    with pytest.raises(UserError, match=r"the checkpoint has task='regression', the config task='classification'"):
+        train(load_config(None, [*TINY, f"output_dir={tmp_path / 'runs'}", "trainer.max_epochs=2"]), resume="last")
+    again = train(regression(tmp_path, "data.standardize_target=false", "trainer.max_epochs=2"), resume="last")
+    assert again.status == "completed" and again.run_dir == first.run_dir
+    segments = json.loads((first.run_dir / "metrics.json").read_text())["segments"]
+    assert [s["status"] for s in segments] == ["completed", "completed"]
