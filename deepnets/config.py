@@ -37,6 +37,8 @@ from typing import Any, Literal, NoReturn, Union
 import yaml
 
 from deepnets.errors import UserError
+from deepnets.optimizers import canonical_name, check_optimizer
+from deepnets.tasks import TASKS, logged_metrics
 
 # The shipped configs are package data (pyproject.toml), so an installed package finds them from any directory;
 # the repo's top-level `configs` is a symlink here, for the `configs/...` paths the docs and scripts quote.
@@ -62,6 +64,14 @@ def _f(default: Any = dataclasses.MISSING, doc: str = "", **bounds: Any) -> Any:
 
 
 # ---------------------------------------------------------------- field checks (`check=` above)
+
+
+def _optimizer_name(value: str, path: str) -> None:
+    """A built-in name costs nothing; anything else must resolve (torch.optim, or the user's import path)."""
+    from deepnets.optimizers import OPTIMIZERS, optimizer_class
+
+    if value not in OPTIMIZERS:
+        optimizer_class(value, path)
 
 
 _DEVICES = "auto, an int >= 1, or a non-empty list of distinct device ids >= 0"
@@ -180,11 +190,23 @@ class DataConfig:
     input_shape: list[int] = _f([32], "synthetic: shape of one sample, e.g. [3, 32, 32]", ge=1, min_items=1)
     num_classes: int = _f(10, "synthetic: number of classes", ge=2)
     num_samples: int = _f(1024, "synthetic: samples in total (before splits)", ge=2)
+    standardize_target: bool = _f(
+        True, "regression: fit targets standardised with training mean/std (metrics, predictions: own units)"
+    )
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad"] = _f("sgd", "optimizer")
+    name: str = _f(
+        "sgd",
+        "optimizer: sgd, adam, adamw, rmsprop, adagrad (tuned paths), a torch.optim class (NAdam, RAdam, ...) "
+        "or an import path file.py:Class / package.module:Class",
+        check=_optimizer_name,
+    )
+    kwargs: dict[str, Any] = _f({}, "more constructor arguments of the optimizer class, checked against its signature")
+    loss: Literal["auto", "cross_entropy", "mse", "huber"] = _f(
+        "auto", "auto: cross_entropy (classification), mse (regression); huber: regression, delta 1 on fitted targets"
+    )
     lr: float = _f(0.1, "learning rate", gt=0)
     momentum: float = _f(0.9, "sgd/rmsprop momentum (heavy ball unless nesterov)", ge=0, lt=1)
     nesterov: bool = _f(False, "sgd: Nesterov momentum")
@@ -265,8 +287,10 @@ class EarlyStoppingConfig:
 @dataclass
 class CheckpointConfig:
     enabled: bool = _f(True, "write checkpoints (best + last) under checkpoints/")
-    monitor: str = _f("val/acc", "metric that picks the best checkpoint")
-    mode: Literal["min", "max"] = _f("max", "min for losses, max for accuracies")
+    monitor: str = _f("val/acc", "metric that picks the best checkpoint (task regression, when not set: val/loss)")
+    mode: Literal["min", "max"] = _f(
+        "max", "min for losses, max for accuracies (task regression, when not set: the monitor's)"
+    )
     save_top_k: int = _f(1, "best checkpoints kept", ge=0)
     every_n_steps: int | None = _f(None, "also save last.ckpt every N training steps", ge=1)
 
@@ -315,6 +339,9 @@ class SweepConfig:
 class Config:
     name: str = _f("run", "run name: runs go to <output_dir>/<name>/version_<n>/", check=_run_name)
     seed: int = _f(0, "seed for weights, data order and dropout", ge=0, le=SEED_MAX)
+    task: Literal["classification", "regression"] = _f(
+        "classification", "classification (int class labels) or regression (float targets (N,) or (N, k))"
+    )
     output_dir: str = _f("runs", "root of all run directories", path=True)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -666,6 +693,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
 def from_dict(raw: Mapping[str, Any]) -> Config:
     """Validate a nested dict (a parsed config file) into a Config: types, ranges, then cross-field checks."""
     cfg = build_section(Config, raw, "")
+    _task_defaults(cfg, raw)
+    cfg.optim.name = canonical_name(cfg.optim.name)
     validate(cfg)
     return cfg
 
@@ -882,17 +911,45 @@ def _check_number(v: Any, meta: Mapping[str, Any], path: str) -> None:
 
 # ---------------------------------------------------------------- cross-field checks
 
-# The metrics a run logs, per task, each with the mode that means "better": a monitor must name one
-# of these, with that mode (checkpoint.mode's default max would keep the worst val/loss checkpoint).
-# (Regression joins this table.)
+# The metrics a run logs while it fits, per task (deepnets.tasks.TASKS), each with the mode that means
+# "better": a monitor must name one of these, with that mode (checkpoint.mode's default max would keep the
+# worst val/loss checkpoint). Test metrics exist only after the fit; sweep.metric may name them too.
 LOGGED_METRICS: dict[str, dict[str, Literal["min", "max"]]] = {
-    "classification": {"train/loss": "min", "train/acc": "max", "val/loss": "min", "val/acc": "max"},
+    name: logged_metrics(name, ("train", "val")) for name in TASKS
 }
 
 
 def task_of(cfg: Config) -> str:
-    """The task a config trains (every dataset is classification today)."""
-    return "classification"
+    """The task a config trains (`task:`)."""
+    return cfg.task
+
+
+def _task_defaults(cfg: Config, raw: Mapping[str, Any]) -> None:
+    """Monitor defaults that fit the task: where the config leaves checkpoint.monitor / mode unset, a
+    regression run watches val/loss (min); classification keeps the fields' defaults (val/acc, max)."""
+    if cfg.task == "classification":  # the fields' own defaults
+        return
+    task = TASKS[cfg.task]
+    given = raw.get("checkpoint") if isinstance(raw.get("checkpoint"), Mapping) else {}
+    if "monitor" not in given:
+        cfg.checkpoint.monitor = task.monitor
+    if "mode" not in given:  # the mode the monitored metric needs
+        cfg.checkpoint.mode = LOGGED_METRICS[cfg.task].get(cfg.checkpoint.monitor, task.monitor_mode)
+
+
+def _check_task(cfg: Config) -> None:
+    """Settings that only one task has."""
+    o, loss = cfg.optim, cfg.optim.loss
+    if loss != "auto" and loss not in TASKS[cfg.task].losses:
+        allowed = ", ".join(["auto", *TASKS[cfg.task].losses])
+        raise UserError(f"optim.loss: {loss} is not a loss for task {cfg.task} (allowed: {allowed})")
+    if cfg.task == "regression":
+        for key, value in (("optim.label_smoothing", o.label_smoothing), ("data.label_noise", cfg.data.label_noise)):
+            if value:
+                raise UserError(f"{key}: {value} acts on class labels; task regression has none (set it to 0)")
+        for key in ("lr_find", "lr_probe"):
+            if getattr(cfg.trainer, key):
+                raise UserError(f"trainer.{key}: measures the classification loss; not available for task regression")
 
 
 def validation_off(cfg: Config) -> str | None:
@@ -912,6 +969,9 @@ def _check_monitor(cfg: Config, key: str, metric: str, mode: str) -> None:
     if metric not in logged:
         near = difflib.get_close_matches(metric, logged, n=1, cutoff=0.5)
         hint = f"; did you mean {near[0]}?" if near else ""
+        other = [t for t, m in LOGGED_METRICS.items() if metric in m]
+        if other:  # a metric of the other task
+            hint = f" (task {task_of(cfg)}; {metric} is {other[0]}'s)"
         raise UserError(f"{key}: {_show(metric)} is not a metric this run logs{hint} (allowed: {', '.join(logged)})")
     off = validation_off(cfg)
     if metric.startswith("val/") and off is not None:
@@ -929,6 +989,9 @@ def _check_monitor(cfg: Config, key: str, metric: str, mode: str) -> None:
 def validate(cfg: Config) -> None:
     """Checks that span several keys; each error names the key to change."""
     t, s = cfg.trainer, cfg.scheduler
+    _check_task(cfg)
+    o = cfg.optim
+    check_optimizer(o.name, o.kwargs, o.lr, o.weight_decay > 0 or o.layer_decay is not None)
     if s.name == "plateau":
         if s.warmup_steps:
             raise UserError("scheduler.warmup_steps: not supported with scheduler.name=plateau")

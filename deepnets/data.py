@@ -387,14 +387,32 @@ def _expected_files(name: str, folder: Path) -> str:
     return f"{folder}/ with {', '.join(names)}"
 
 
-def _synthetic(cfg: DataConfig) -> tuple[Tensor, Tensor]:
-    """Seeded Gaussian class clusters: learnable, any shape, any size."""
+def _synthetic(cfg: DataConfig, task: str = "classification") -> tuple[Tensor, Tensor]:
+    """Seeded Gaussian class clusters (classification) or a seeded teacher (regression): learnable, any shape,
+    any size."""
     g = torch.Generator().manual_seed(cfg.split_seed + 12345)
+    if task == "regression":
+        return _synthetic_regression(cfg, g)
     d = math.prod(cfg.input_shape)
     means = torch.randn(cfg.num_classes, d, generator=g)
     y = torch.randint(0, cfg.num_classes, (cfg.num_samples,), generator=g)
     x = means[y] + 2.0 * torch.randn(cfg.num_samples, d, generator=g)  # (N, d)
     return x.view(cfg.num_samples, *cfg.input_shape), y
+
+
+SYNTHETIC_TEACHER_WIDTH = 16
+
+
+def _synthetic_regression(cfg: DataConfig, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The lecture's first model as a teacher: y = 100 + 20 v^T tanh(W x) / sqrt(m) + 2 noise, x ~ N(0, I),
+    W ~ N(0, 1/d) (m, d), v ~ N(0, 1) (m,), m = 16. Float targets (N,) far from zero mean and unit std,
+    so standardising them matters; the noise sets the best reachable MSE (4)."""
+    d, m, n = math.prod(cfg.input_shape), SYNTHETIC_TEACHER_WIDTH, cfg.num_samples
+    x = torch.randn(n, d, generator=g)  # (N, d)
+    W = torch.randn(m, d, generator=g) / math.sqrt(d)  # (m, d)
+    v = torch.randn(m, generator=g)  # (m,)
+    y = 100.0 + 20.0 * torch.tanh(x @ W.T) @ v / math.sqrt(m) + 2.0 * torch.randn(n, generator=g)  # (N,)
+    return x.view(n, *cfg.input_shape), y
 
 
 def _split(n: int, fraction: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -414,11 +432,11 @@ def flip_labels(y: Tensor, fraction: float, num_classes: int, seed: int) -> Tens
     return out
 
 
-def load_splits(cfg: DataConfig, seed: int) -> Splits:
+def load_splits(cfg: DataConfig, seed: int, task: str = "classification") -> Splits:
     """Read the dataset and cut it into train/val/test, all on the CPU, float32."""
     g = torch.Generator().manual_seed(cfg.split_seed)
     if cfg.name in ("digits", "synthetic"):
-        x, y = _load_digits() if cfg.name == "digits" else _synthetic(cfg)
+        x, y = _load_digits() if cfg.name == "digits" else _synthetic(cfg, task)
         train_idx, test_idx = _split(len(x), cfg.test_fraction, g)
         x_test, y_test = x[test_idx], y[test_idx]
         x, y = x[train_idx], y[train_idx]
@@ -502,9 +520,9 @@ def _note_once(message: str) -> None:
 class InMemoryDataModule(L.LightningDataModule):
     """Any dataset above as a LightningDataModule whose loaders are `TensorBatches` on the device."""
 
-    def __init__(self, cfg: DataConfig, seed: int) -> None:
+    def __init__(self, cfg: DataConfig, seed: int, task: str = "classification") -> None:
         super().__init__()
-        self.cfg, self.seed = cfg, seed
+        self.cfg, self.seed, self.task = cfg, seed, task
         self.splits: Splits | None = None
         self._train_loader: TensorBatches | None = None
 
@@ -516,9 +534,14 @@ class InMemoryDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return self.cfg.num_classes if self.cfg.name == "synthetic" else SHAPES[self.cfg.name][1]
 
+    @property
+    def num_outputs(self) -> int:
+        """The model's output count: classes, or the regression target's k (1 for (N,) targets)."""
+        return 1 if self.task == "regression" else self.num_classes
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
-            self.splits = load_splits(self.cfg, self.seed)
+            self.splits = load_splits(self.cfg, self.seed, self.task)
             if self._device().type == "cpu":  # the one split gathered at random
                 self.splits.x_train = in_huge_pages(self.splits.x_train)
 

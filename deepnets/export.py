@@ -17,13 +17,14 @@ from deepnets.config import Config, load_config
 from deepnets.data import InMemoryDataModule
 from deepnets.errors import UserError
 from deepnets.models import build_model
+from deepnets.module import TaskModule, read_task_metadata, task_metadata
 
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
 
 
 def _input_spec(cfg: Config) -> tuple[tuple[int, ...], int]:
-    dm = InMemoryDataModule(cfg.data, cfg.seed)
-    return dm.input_shape, dm.num_classes
+    dm = InMemoryDataModule(cfg.data, cfg.seed, task=cfg.task)
+    return dm.input_shape, dm.num_outputs
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -87,7 +88,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
         os.chmod(out, 0o755)
-        save_model(model, str(out / WEIGHTS), metadata={"checkpoint": str(ckpt_path)})
+        save_model(model, str(out / WEIGHTS), metadata={"checkpoint": str(ckpt_path), **task_metadata(state)})
         shutil.copyfile(run_dir / CONFIG, out / CONFIG)
         for name in (WEIGHTS, CONFIG):
             os.chmod(out / name, 0o644)
@@ -113,14 +114,11 @@ def load_exported(export_dir: str | Path) -> tuple[nn.Module, Config]:
 
 @torch.no_grad()
 def evaluate(export_dir: str | Path) -> dict[str, float]:
-    """Test-split loss and accuracy of an exported model, in plain PyTorch."""
+    """The test-split metrics of an exported model (test/loss and test/acc, or test/loss, /mse, /mae, /r2), in
+    plain PyTorch through the task module's own metric objects (no Trainer)."""
     model, cfg = load_exported(export_dir)
-    dm = InMemoryDataModule(cfg.data, cfg.seed)
+    stats = read_task_metadata(Path(export_dir) / WEIGHTS, cfg.task)
+    dm = InMemoryDataModule(cfg.data, cfg.seed, task=cfg.task)
     dm.setup("test")
-    loss, correct, n = 0.0, 0, 0
-    for x, y in dm.test_dataloader():
-        logits = model(x)
-        loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        n += len(y)
-    return {"test/loss": loss / n, "test/acc": correct / n}
+    module = TaskModule(model, task=cfg.task, loss=cfg.optim.loss, **stats)
+    return module.evaluate(dm.test_dataloader())

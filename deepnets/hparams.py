@@ -167,10 +167,11 @@ def hparams(cfg: Config) -> dict[str, bool | float | str]:
     Numbers that are null in this run are left out (a blank cell), lists and other values become
     their JSON text."""
     flat: dict[str, Any] = {}
+    fields = {key for key, _ in hparam_keys()}  # a dict-valued field (optim.kwargs) is one value: its JSON text
 
     def walk(d: dict[str, Any], prefix: str) -> None:
         for k, v in d.items():
-            if isinstance(v, dict) and f"{prefix}{k}" not in ("sweep.params",):
+            if isinstance(v, dict) and f"{prefix}{k}" not in ("sweep.params", *fields):
                 walk(v, f"{prefix}{k}.")
             else:
                 flat[f"{prefix}{k}"] = v

@@ -33,8 +33,8 @@ def input_spec(cfg: Config) -> tuple[tuple[int, ...], int]:
     """(input shape, classes) of `cfg`'s data, known without reading a file."""
     from deepnets.data import InMemoryDataModule
 
-    dm = InMemoryDataModule(cfg.data, cfg.seed)
-    return dm.input_shape, dm.num_classes
+    dm = InMemoryDataModule(cfg.data, cfg.seed, task=cfg.task)
+    return dm.input_shape, dm.num_outputs
 
 
 def meta_model(model_cfg: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

@@ -1,11 +1,15 @@
-"""The LightningModule: loss, metrics, optimizers and schedulers around any classifier `nn.Module`."""
+"""The LightningModule: a task's loss and metrics (`TASKS`), optimizers (`OPTIMIZERS`) and schedulers around any
+`nn.Module`."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,11 +18,25 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, Metric, R2Score
 
 from deepnets.config import Config, OptimConfig, SchedulerConfig
 from deepnets.errors import UserError
 from deepnets.models import depth_ordered_layers
+from deepnets.optimizers import OPTIMIZERS, optimizer_class
+from deepnets.tasks import TASKS
+
+__all__ = [
+    "OPTIMIZERS",
+    "TASKS",
+    "Classifier",
+    "TaskModule",
+    "build_optimizer",
+    "module_from_config",
+    "read_task_metadata",
+    "target_stats",
+    "task_metadata",
+]
 
 
 def is_logging_step(trainer: L.Trainer) -> bool:
@@ -189,24 +207,116 @@ class LossProgressBar(TQDMProgressBar):
         return {**items, **self._val}
 
 
-class Classifier(L.LightningModule):
-    """Cross-entropy classification of `model`'s logits, configured by `cfg.optim` / `cfg.scheduler`.
+class R2(R2Score):
+    """torchmetrics' R2Score (its sums: sum y, sum y^2, residual sum of squares, count; exact over uneven
+    batches and ranks), with its own compute: torchmetrics sets R2 to 1 where the residual sum is below an
+    *absolute* 1e-4 and to 0 where the total sum is, which depends on the target's units. Here R2 =
+    1 - RSS / TSS per output, the uniform average over outputs, NaN where it is undefined (fewer than two
+    samples, a constant target)."""
 
-    Logs `train/loss_step` (and `train/l1`) on logging steps, `train/loss_epoch`
-    (also as `train/loss`) and `train/acc` per epoch, `val/loss`, `val/acc`,
-    `test/loss`, `test/acc`. Nothing here reads a value back to the host except
-    on logging steps (every `log_every_n_steps`): per-step work is a few in-place
-    adds on the device. Step scalars go to the loggers directly (`_log_step`);
-    `self.log` runs only at epoch ends, where Lightning reduces and syncs the
-    epoch Metric objects.
+    def compute(self) -> Tensor:
+        n = self.total
+        if int(n) < 2:
+            return torch.tensor(float("nan"), dtype=self.residual.dtype, device=self.residual.device)
+        tss = self.sum_squared_error - self.sum_error * self.sum_error / n  # (k,): sum (y - mean)^2
+        return (1 - self.residual / tss).mean()
+
+
+def target_stats(y_train: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and std (k,) of regression targets (N,) or (N, k), per output, from the training split: what the
+    network fits is (y - mean) / std. A constant output keeps std 1 (nothing to scale)."""
+    y = y_train.reshape(len(y_train), -1).double()  # (N, k)
+    if not bool(torch.isfinite(y).all()):
+        raise UserError("data: the training targets hold NaN or inf values")
+    if len(y) < 2:
+        raise UserError(f"data: {len(y)} training target(s); standardising needs at least 2")
+    mean, std = y.mean(0), y.std(0)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return mean.float(), std.float()
+
+
+TASK_BUFFERS = ("target_mean", "target_std")  # regression's buffers in a TaskModule's state_dict
+
+
+def task_metadata(state: Mapping[str, Tensor]) -> dict[str, str]:
+    """A checkpoint state_dict's task buffers as safetensors metadata for an export: JSON lists, exact for
+    float32 values. Metadata rather than tensors, so the weights file still loads strictly into the bare model."""
+    return {f"deepnets.{k}": json.dumps(state[k].tolist()) for k in TASK_BUFFERS if k in state}
+
+
+def read_task_metadata(path: str | Path, task: str) -> dict[str, Tensor]:
+    """The TaskModule arguments (target_mean, target_std) stored by `task_metadata` in an export's weights file."""
+    if task != "regression":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return {k: torch.tensor(json.loads(meta[f"deepnets.{k}"]), dtype=torch.float32) for k in TASK_BUFFERS}
+    except KeyError:
+        raise UserError(
+            f"{path}: holds no target statistics (task regression); export the run again (deepnets --export RUN_DIR)"
+        ) from None
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path}: cannot read its target statistics: {' '.join(str(e).split())}") from None
+
+
+def _metric_dtype(device: torch.device) -> torch.dtype:
+    """float64 sums for the regression metrics (an R2 total sum of squares is a difference of large sums);
+    MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class TaskModule(L.LightningModule):
+    """`model` trained for a task (`deepnets.tasks.TASKS`), with the optimizer and schedule of `optim` / `scheduler`.
+
+    classification: cross-entropy of the logits (N, C); logs `<split>/loss`, `<split>/acc`.
+    regression: targets (N,) or (N, k) in their own units; the network fits z = (y - target_mean) /
+    target_std (buffers: they travel in every checkpoint's state_dict); loss MSE or Huber (delta 1) on z.
+    Every logged value is in the target's own units: `<split>/mse`, `/mae`, `/r2` (torchmetrics; R2 of
+    k > 1 outputs is the uniform average over outputs) of the predictions y_hat = out * std + mean, and
+    `<split>/loss` = the loss of the own-unit errors, i.e. std^2 x the fitted loss per output (for Huber:
+    delta std in own units), the per-sample mean over the split.
+
+    Logs `train/loss_step` (and `train/l1`) on logging steps, the epoch metrics once per epoch. Nothing
+    here reads a value back to the host except on logging steps (every `log_every_n_steps`). Step
+    scalars go to the loggers directly (`_log_step`); `self.log` runs only at epoch ends, where
+    Lightning reduces and syncs the epoch Metric objects.
     """
 
-    def __init__(self, model: nn.Module, cfg: Config) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        task: str = "classification",
+        optim: OptimConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        loss: str = "auto",
+        label_smoothing: float = 0.0,
+        target_mean: Tensor | None = None,
+        target_std: Tensor | None = None,
+        channels_last: bool = False,
+        hparams: dict[str, Any] | None = None,
+    ) -> None:
+        """`hparams`: what the checkpoints record as hyper_parameters (a run's resolved config, plain dicts:
+        safe under weights_only loading; `--resume` compares its model section)."""
         super().__init__()
+        if task not in TASKS:
+            raise UserError(f"task: {task!r} is not a task (allowed: {', '.join(TASKS)})")
         self.model = model
-        self.optim_cfg, self.sched_cfg = cfg.optim, cfg.scheduler
-        self.save_hyperparameters(cfg.to_dict())  # plain dicts: safe under weights_only loading
-        self.channels_last = cfg.model.channels_last
+        self.task = task
+        self.optim_cfg = optim if optim is not None else OptimConfig()
+        self.sched_cfg = scheduler if scheduler is not None else SchedulerConfig()
+        self.loss_name = TASKS[task].losses[0] if loss == "auto" else loss
+        if self.loss_name not in TASKS[task].losses:
+            raise UserError(
+                f"optim.loss: {loss} is not a loss for task {task} (allowed: auto, {', '.join(TASKS[task].losses)})"
+            )
+        self.label_smoothing = label_smoothing
+        if hparams is not None:
+            self.save_hyperparameters(hparams)
+        self.channels_last = channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Every reported loss and accuracy is a per-sample mean: sum over the samples / their count, each a
@@ -214,29 +324,100 @@ class Classifier(L.LightningModule):
         # nan_strategy="disable" (needed to avoid a NaN check, i.e. a host sync, per batch) drops the batch
         # weights in torchmetrics 1.9 and returns the mean of batch means. Top-1 accuracy as
         # (argmax == y).sum() / n is micro accuracy (MulticlassAccuracy(average="micro")) at a fraction of its cost.
-        self.train_loss, self.train_acc = RunningMean(), RunningMean()
-        self.val_loss, self.val_acc = RunningMean(), RunningMean()
-        self.test_loss, self.test_acc = RunningMean(), RunningMean()
+        self.train_loss, self.val_loss, self.test_loss = RunningMean(), RunningMean(), RunningMean()
+        if task == "classification":
+            self.train_acc, self.val_acc, self.test_acc = RunningMean(), RunningMean(), RunningMean()
+        else:
+            if target_mean is None or target_std is None:
+                raise ValueError("task regression needs target_mean and target_std (deepnets.module.target_stats)")
+            self.register_buffer("target_mean", target_mean.detach().float().reshape(-1).clone())  # (k,)
+            self.register_buffer("target_std", target_std.detach().float().reshape(-1).clone())  # (k,)
+            # torchmetrics' sums over the split (exact over uneven batches; synced across ranks). MSE and MAE
+            # with num_outputs=1 flatten (N, k): the mean over all N k errors = the uniform average over outputs.
+            self.regression_metrics = nn.ModuleDict(
+                {
+                    f"{split}_{name}": metric()
+                    for split in ("train", "val", "test")
+                    for name, metric in (("mse", MeanSquaredError), ("mae", MeanAbsoluteError), ("r2", R2))
+                }
+            )
+            self._set_metric_dtype(torch.float64)
+
+    def _set_metric_dtype(self, dtype: torch.dtype) -> None:
+        self._mdtype = dtype
+        for m in self.regression_metrics.values():
+            m.set_dtype(dtype)
+
+    def setup(self, stage: str) -> None:
+        if self.task == "regression" and self._trainer is not None:
+            dtype = _metric_dtype(self.trainer.strategy.root_device)
+            if dtype != self._mdtype:
+                self._set_metric_dtype(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
+    @torch.no_grad()
+    def predict_outputs(self, x: Tensor) -> Tensor:
+        """Class probabilities (N, C), or regression outputs in the target's own units (N, k); eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(x)
+            if self.task == "classification":
+                return out.float().softmax(dim=1)
+            return out.float() * self.target_std + self.target_mean
+        finally:
+            self.train(was_training)
+
     def l1_penalty(self) -> Tensor:
         """optim.l1 * sum |W| over the depth-ordered weight matrices (biases and norms excluded)."""
         weights = [w for _, w in depth_ordered_layers(self.model)]
         return self.optim_cfg.l1 * torch.stack([w.abs().sum() for w in weights]).sum()
 
+    def _regression_losses(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(fitted loss: the mean over z, per-sample own-unit loss (B,), own-unit predictions (B, k))."""
+        n = y.shape[0]
+        target = y.reshape(n, -1).to(out.dtype)  # (B, k), own units
+        if out.shape != target.shape:
+            raise UserError(
+                f"model: outputs of shape {tuple(out.shape)} for regression targets of shape {tuple(target.shape)}"
+            )
+        z = (target - self.target_mean) / self.target_std  # (B, k), what the network fits
+        if self.loss_name == "huber":
+            per = F.huber_loss(out, z, reduction="none", delta=1.0)  # (B, k)
+        else:
+            per = F.mse_loss(out, z, reduction="none")  # (B, k)
+        # Both losses scale exactly: loss(s a, s b; delta s) = s^2 loss(a, b; delta), so std^2 x per is the loss of
+        # the own-unit errors (Huber with delta std per output).
+        own = (per.detach() * self.target_std.square()).mean(1)  # (B,)
+        pred = out.detach() * self.target_std + self.target_mean  # (B, k), own units
+        return per.mean(), own, pred
+
+    def _update_regression(self, split: str, pred: Tensor, y: Tensor) -> None:
+        target = y.reshape(y.shape[0], -1).to(self._mdtype)  # (B, k)
+        pred = pred.to(self._mdtype)
+        for name in ("mse", "mae", "r2"):
+            self.regression_metrics[f"{split}_{name}"].update(pred, target)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch  # (B, ...), (B,)
-        logits = self(x)  # (B, K)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.optim_cfg.label_smoothing)
+        x, y = batch  # (B, ...), (B,) or (B, k)
+        out = self(x)  # (B, C) logits or (B, k) outputs
         n = y.shape[0]  # not len(): Tensor.__len__ is Python-level
-        self.train_loss.update(loss.detach() * n, n)  # exact mean over uneven batches
-        self.train_acc.update((logits.detach().argmax(1) == y).sum(), n)
+        if self.task == "classification":
+            loss = F.cross_entropy(out, y, label_smoothing=self.label_smoothing)
+            self.train_loss.update(loss.detach() * n, n)  # exact mean over uneven batches
+            self.train_acc.update((out.detach().argmax(1) == y).sum(), n)
+            shown = loss
+        else:
+            loss, own, pred = self._regression_losses(out, y)
+            self.train_loss.update(own.sum(), n)
+            self._update_regression("train", pred, y)
+            shown = own.mean()
         log_now = self._trainer is not None and is_logging_step(self.trainer)
-        step_scalars = {"train/loss_step": loss} if log_now else None
+        step_scalars = {"train/loss_step": shown} if log_now else None
         if self.optim_cfg.l1 > 0:
             l1 = self.l1_penalty()
             if step_scalars is not None:
@@ -260,26 +441,58 @@ class Classifier(L.LightningModule):
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
 
+    def _epoch_metrics(self, split: str) -> dict[str, Metric]:
+        """The Metric objects of `split` by logged name (loss first)."""
+        metrics: dict[str, Metric] = {f"{split}/loss": getattr(self, f"{split}_loss")}
+        if self.task == "classification":
+            metrics[f"{split}/acc"] = getattr(self, f"{split}_acc")
+        else:
+            metrics |= {f"{split}/{m}": self.regression_metrics[f"{split}_{m}"] for m in ("mse", "mae", "r2")}
+        return metrics
+
     def on_train_epoch_end(self) -> None:
         # Metric objects: Lightning computes (and syncs across ranks) and resets them at the epoch end.
-        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, logger=False)  # for monitors
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        metrics = self._epoch_metrics("train")
+        loss = metrics.pop("train/loss")
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, logger=False)  # for monitors
+        for name, metric in metrics.items():
+            self.log(name, metric, on_step=False, on_epoch=True)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        x, y = batch  # (B, ...), (B,)
-        logits = self(x)  # (B, K)
-        loss_sum = F.cross_entropy(logits, y, reduction="sum")
-        loss_metric, acc = (self.val_loss, self.val_acc) if stage == "val" else (self.test_loss, self.test_acc)
+        x, y = batch  # (B, ...), (B,) or (B, k)
+        out = self(x)  # (B, C) or (B, k)
         n = y.shape[0]
-        loss_metric.update(loss_sum, n)  # exact mean over uneven batches and ranks
-        acc.update((logits.argmax(1) == y).sum(), n)
+        loss_metric = self.val_loss if stage == "val" else self.test_loss
+        if self.task == "classification":
+            loss_metric.update(F.cross_entropy(out, y, reduction="sum"), n)  # exact mean over uneven batches and ranks
+            (self.val_acc if stage == "val" else self.test_acc).update((out.argmax(1) == y).sum(), n)
+        else:
+            _, own, pred = self._regression_losses(out, y)
+            loss_metric.update(own.sum(), n)
+            self._update_regression(stage, pred, y)
 
     def _log_eval(self, stage: str) -> None:
         """Once per evaluation epoch: logging the Metric objects every batch costs ~ms each (Lightning)."""
-        loss_metric, acc = (self.val_loss, self.val_acc) if stage == "val" else (self.test_loss, self.test_acc)
-        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True)  # the bar reads them (LossProgressBar)
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True)
+        for name, metric in self._epoch_metrics(stage).items():  # the bar reads val/loss (LossProgressBar)
+            self.log(name, metric, on_step=False, on_epoch=True)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Any, stage: str = "test") -> dict[str, float]:
+        """`<stage>/<metric>` over `batches` of (x, y), in plain PyTorch (no Trainer): an export's `--evaluate`."""
+        was_training = self.training
+        self.eval()
+        metrics = self._epoch_metrics(stage)
+        for m in metrics.values():
+            m.reset()
+        try:
+            for batch in batches:
+                self._eval_step(batch, stage)
+            return {name: float(m.compute()) for name, m in metrics.items()}
+        finally:
+            for m in metrics.values():
+                m.reset()
+            self.train(was_training)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -321,6 +534,47 @@ class Classifier(L.LightningModule):
         else:
             sched = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": sched}
+
+
+class Classifier(TaskModule):
+    """The classification TaskModule configured from a whole Config (the previous constructor, kept for callers
+    that have only a config, e.g. the LR tuners)."""
+
+    def __init__(self, model: nn.Module, cfg: Config) -> None:
+        super().__init__(
+            model,
+            task="classification",
+            optim=cfg.optim,
+            scheduler=cfg.scheduler,
+            loss=cfg.optim.loss,
+            label_smoothing=cfg.optim.label_smoothing,
+            channels_last=cfg.model.channels_last,
+            hparams=cfg.to_dict(),
+        )
+
+
+def module_from_config(model: nn.Module, cfg: Config, y_train: Tensor | None = None) -> TaskModule:
+    """The TaskModule of a run: the config's sections as explicit arguments; for regression the target
+    statistics of `y_train` (mean 0, std 1 with data.standardize_target false: the network fits own units)."""
+    mean = std = None
+    if cfg.task == "regression":
+        if y_train is None:
+            raise ValueError("task regression: module_from_config needs the training targets")
+        mean, std = target_stats(y_train)  # also refuses non-finite targets
+        if not cfg.data.standardize_target:
+            mean, std = torch.zeros_like(mean), torch.ones_like(std)
+    return TaskModule(
+        model,
+        task=cfg.task,
+        optim=cfg.optim,
+        scheduler=cfg.scheduler,
+        loss=cfg.optim.loss,
+        label_smoothing=cfg.optim.label_smoothing,
+        target_mean=mean,
+        target_std=std,
+        channels_last=cfg.model.channels_last,
+        hparams=cfg.to_dict(),
+    )
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
@@ -366,21 +620,31 @@ def _fast(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], **kwar
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The built-in names (OPTIMIZERS) on their tuned paths; any other class as `cls(groups, lr=..., **kwargs)`.
+    Either way the parameter groups carry the weight decay (param_groups) and `optim.kwargs` go to the class."""
     groups = param_groups(model, cfg)
     for g in groups:
         g.pop("names")
+    extra = dict(cfg.kwargs)
+    if cfg.name not in OPTIMIZERS:
+        return optimizer_class(cfg.name)(groups, lr=cfg.lr, **extra)
     if cfg.name == "sgd":
         return _fast(
-            torch.optim.SGD, groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+            torch.optim.SGD,
+            groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            **extra,
         )
     if cfg.name in ("adam", "adamw"):
         if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
             raise UserError(f"optim.betas: need two values in [0, 1), got {cfg.betas}")
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-        return _fast(cls, groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, amsgrad=cfg.amsgrad)
+        return _fast(cls, groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, amsgrad=cfg.amsgrad, **extra)
     if cfg.name == "rmsprop":  # no fused kernel
-        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, eps=cfg.eps, foreach=True)
-    return _fast(torch.optim.Adagrad, groups, lr=cfg.lr, eps=cfg.eps)
+        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, eps=cfg.eps, foreach=True, **extra)
+    return _fast(torch.optim.Adagrad, groups, lr=cfg.lr, eps=cfg.eps, **extra)
 
 
 def build_scheduler(

@@ -39,7 +39,7 @@ from deepnets.errors import UserError
 from deepnets.hparams import HParamsRecorder
 from deepnets.memory import check_fits, meta_model_for
 from deepnets.models import build_model
-from deepnets.module import Classifier, LossProgressBar
+from deepnets.module import LossProgressBar, TaskModule, module_from_config
 from deepnets.monitor import GradientFlowMonitor
 from deepnets.rundir import FULL, RunLock, check_writable, next_dir, read_json, remove_stale_temps, write_json_atomic
 from deepnets.tb import use_fast_crc
@@ -668,7 +668,19 @@ def resolve_resume(cfg: Config, resume: str | None) -> Resume:
     path = find_last_checkpoint(cfg.output_dir, cfg.name) if resume == "last" else Path(resume)
     ckpt = load_checkpoint(path)  # fail now, with the file named, not deep inside Lightning
     # Weights only fit the architecture they were trained with: say which key differs, not a state_dict dump.
-    saved = (ckpt.get("hyper_parameters") or {}).get("model")
+    hparams = ckpt.get("hyper_parameters") or {}
+    # what the weights were fitted to: the task, and (regression) the target scaling in the checkpoint's buffers
+    saved_data = hparams.get("data") if isinstance(hparams.get("data"), dict) else {}
+    for key, old, new in (
+        ("task", hparams.get("task", "classification"), cfg.task),
+        ("data.standardize_target", saved_data.get("standardize_target", True), cfg.data.standardize_target),
+    ):
+        if old != new and (key == "task" or cfg.task == "regression"):
+            raise UserError(
+                f"--resume {path}: the checkpoint has {key}={old!r}, the config {key}={new!r}; "
+                f"resume with the run's own config ({path.parent.parent / 'config.yaml'})"
+            )
+    saved = hparams.get("model")
     if isinstance(saved, dict):
         current = cfg.to_dict()["model"]
         for key in current:
@@ -767,9 +779,9 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
             origin = resolve_resume(cfg, resume)
             if not cfg.trainer.fast_dev_run and origin.run_dir is None:
                 check_writable(cfg.output_dir)  # fail before reading data; the directory comes later
-            data = InMemoryDataModule(cfg.data, cfg.seed)
+            data = InMemoryDataModule(cfg.data, cfg.seed, task=cfg.task)
             data.setup("fit")  # read files now: missing or corrupt data fails before a model is built
-            model = build_model(cfg.model, data.input_shape, data.num_classes)
+            model = build_model(cfg.model, data.input_shape, data.num_outputs)
             if cfg.trainer.compile:
                 model.compile()  # in place: state_dict keys stay those of the plain model
         except Interrupted as e:  # nothing was written yet
@@ -789,7 +801,8 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
             # hparams.yaml and the checkpoints record the thread count used (it changes results);
             # config.yaml keeps `auto`
             used = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, threads=threads))
-            module = Classifier(model, used)
+            assert data.splits is not None
+            module = module_from_config(model, used, data.splits.y_train)  # regression: the target statistics
             run_callbacks, ckpt, early = _callbacks(cfg, run)
             trainer = build_trainer(cfg, run.path, [*run_callbacks, *callbacks])
             if _is_rank_zero() and cfg.trainer.progress_bar:
@@ -801,7 +814,7 @@ def _fit_and_test(
     cfg: Config,
     run: RunDir,
     trainer: L.Trainer,
-    module: Classifier,
+    module: TaskModule,
     data: InMemoryDataModule,
     ckpt_path: Path | None,
     ckpt: ModelCheckpoint | None,

@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import difflib
 import itertools
 import json
 import logging
@@ -78,6 +79,7 @@ from typing import Any
 
 from deepnets.config import Config, from_dict, load_config, to_yaml
 from deepnets.errors import UserError
+from deepnets.tasks import sweep_metrics
 
 PARAMS_X = "params"  # sweep.x_key value that plots against the parameter count
 RESERVED = ("seed", "name", "output_dir")  # set by the sweep itself
@@ -183,9 +185,13 @@ def check_sweep(cfg: Config) -> dict[str, list[Any] | Range]:
     keys = list(space)
     if s.x_key is not None and s.x_key not in (*keys, PARAMS_X):
         raise UserError(f"sweep.x_key: {s.x_key!r} is not swept; choose one of {', '.join([*keys, PARAMS_X])}")
-    split, _, name = s.metric.partition("/")
-    if split not in ("train", "val", "test") or not name:
-        raise UserError(f"sweep.metric: {s.metric!r} is not <train|val|test>/<name> (e.g. test/error)")
+    metrics = sweep_metrics(cfg.task)
+    if s.metric not in metrics:
+        near = difflib.get_close_matches(s.metric, metrics, n=1, cutoff=0.5)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise UserError(
+            f"sweep.metric: {s.metric!r} is not a metric of task {cfg.task} ({hint}allowed: {', '.join(metrics)})"
+        )
     if s.prune == "median" and (cfg.data.val_fraction <= 0 or cfg.trainer.limit_val_batches == 0):
         raise UserError(
             "sweep.prune: median compares the validation metric every epoch; "
@@ -288,14 +294,14 @@ def count_params(cfg: Config) -> int:
     from deepnets.data import InMemoryDataModule
     from deepnets.models import build_model
 
-    data = InMemoryDataModule(cfg.data, cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    data = InMemoryDataModule(cfg.data, cfg.seed, task=cfg.task)
+    model = build_model(cfg.model, data.input_shape, data.num_outputs)
     return sum(p.numel() for p in model.parameters())
 
 
-def metric_direction(metric: str) -> str:
-    """Accuracies are maximised; losses and error rates minimised."""
-    return "maximize" if metric.rsplit("/", 1)[-1].endswith("acc") else "minimize"
+def metric_direction(metric: str, task: str = "classification") -> str:
+    """The mode of `metric` in the task's table (deepnets.tasks): accuracy and R2 up, losses and errors down."""
+    return "maximize" if sweep_metrics(task).get(metric) == "max" else "minimize"
 
 
 # ---------------------------------------------------------------- storage
@@ -472,7 +478,7 @@ def create_sweep(cfg: Config, *, verbose: bool = True) -> tuple[Path, str, int]:
             study = optuna.create_study(
                 study_name=name,
                 storage=storage,
-                direction=metric_direction(cfg.sweep.metric),
+                direction=metric_direction(cfg.sweep.metric, cfg.task),
             )
             break
         except optuna.exceptions.DuplicatedStudyError:  # a shared storage already holds this name

@@ -267,7 +267,7 @@ def test_metrics_json_survives_a_failing_test(tiny, monkeypatch: pytest.MonkeyPa
     def broken(self, batch, batch_idx):
         raise RuntimeError("test step broke")
 
-    monkeypatch.setattr(deepnets.module.Classifier, "test_step", broken)
+    monkeypatch.setattr(deepnets.module.TaskModule, "test_step", broken)
     with pytest.raises(RuntimeError, match="test step broke"):
         train(tiny())
     m = _metrics(Path(tiny().output_dir) / "tiny" / "version_0")

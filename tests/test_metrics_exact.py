@@ -174,3 +174,122 @@ def test_evaluate_of_an_export_equals_the_test_metrics(run: dict[str, Any]) -> N
     assert evaluated["test/acc"] == pytest.approx(run["test"][1], **TOL)
     assert evaluated["test/loss"] == pytest.approx(result.metrics["test/loss"], **TOL)
     assert evaluated["test/acc"] == pytest.approx(result.metrics["test/acc"], **TOL)
+
+
+# ---------------------------------------------------------------- regression (task: regression)
+#
+# The same splits (train 360 = 11 x 32 + 8, val 40 = 24 + 16, test 100 = 4 x 24 + 4) of the synthetic teacher
+# regression, whose targets have mean ~100: the network fits standardised targets, and every number it
+# reports must be in the target's own units. By hand: the training targets' mean/std, the model's outputs
+# mapped back to own units, and MSE / MAE / R2 / loss as float64 sums over the whole split.
+
+
+def regression_by_hand(model: nn.Module, x: Tensor, y: Tensor, mean: Tensor, std: Tensor) -> dict[str, float]:
+    """{loss, mse, mae, r2} in own units; R2 = 1 - RSS / TSS per output, averaged over outputs (uniform)."""
+    with torch.no_grad():
+        pred = model(x).double() * std.double() + mean.double()  # (N, k), own units
+    target = y.reshape(len(y), -1).double()  # (N, k)
+    err = pred - target
+    rss = (err**2).sum(0)
+    tss = ((target - target.mean(0)) ** 2).sum(0)
+    mse = float((err**2).mean())
+    return {"loss": mse, "mse": mse, "mae": float(err.abs().mean()), "r2": float((1 - rss / tss).mean())}
+
+
+class RegressionRecord(Record):
+    """Record, with the training epochs' own-unit sums by hand: [sum err^2, sum |err|, n] and the targets."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.steps.append([])
+        self.train_sums.append([])  # per epoch: (pred, target) pairs, float64
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        with torch.no_grad():
+            pred = pl_module.model(x).double() * pl_module.target_std.double() + pl_module.target_mean.double()
+        self.train_sums[-1].append((pred, y.reshape(len(y), -1).double()))
+
+
+@pytest.fixture(scope="module")
+def regression_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp_path = tmp_path_factory.mktemp("exact_regression")
+    cfg = config(tmp_path, "task=regression", "optim.lr=0.02")
+    record = RegressionRecord()
+    result = train(cfg, callbacks=[record])
+    assert result.status == "completed", result.error
+    splits = load_splits(cfg.data, cfg.seed, "regression")
+    assert (len(splits.y_train), len(splits.y_val), len(splits.y_test)) == (360, 40, 100)
+    assert splits.y_train.dtype == torch.float32 and splits.y_train.dim() == 1
+    y = splits.y_train.double()
+    mean, std = y.mean().reshape(1), y.std().reshape(1)  # what the network fits: (y - mean) / std
+    assert float(mean) > 50  # far from 0: a metric in standardised units would be off by orders of magnitude
+
+    def model_with(state: dict[str, Tensor]) -> nn.Module:
+        model = build_model(cfg.model, (6,), 1)
+        model.load_state_dict(state)
+        return model.eval()
+
+    val = [regression_by_hand(model_with(s), splits.x_val, splits.y_val, mean, std) for s in record.val_states]
+    (test_state,) = record.test_states
+    test = regression_by_hand(model_with(test_state), splits.x_test, splits.y_test, mean, std)
+    return {"cfg": cfg, "result": result, "record": record, "val": val, "test": test, "mean": mean, "std": std}
+
+
+def test_regression_metrics_equal_the_model_applied_by_hand(regression_run: dict[str, Any]) -> None:
+    result, val, test = regression_run["result"], regression_run["val"][-1], regression_run["test"]
+    on_disk = json.loads((result.run_dir / "metrics.json").read_text())
+    assert on_disk["monitor"] == "val/loss"  # the regression default
+    pairs = regression_run["record"].train_sums[-1]
+    pred, target = torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs])
+    assert len(pairs) == 12 and len(target) == 360
+    rss, tss = ((pred - target) ** 2).sum(0), ((target - target.mean(0)) ** 2).sum(0)
+    mse = float(((pred - target) ** 2).mean())
+    train_by_hand = {"loss": mse, "mse": mse, "mae": float((pred - target).abs().mean()), "r2": float(1 - rss / tss)}
+    for metrics in (result.metrics, on_disk["metrics"]):
+        assert not any(k.endswith("/acc") for k in metrics)
+        for name in ("loss", "mse", "mae", "r2"):
+            assert metrics[f"val/{name}"] == pytest.approx(val[name], **TOL), name
+            assert metrics[f"test/{name}"] == pytest.approx(test[name], **TOL), name
+            assert metrics[f"train/{name}"] == pytest.approx(train_by_hand[name], **TOL), name
+
+
+def test_regression_tensorboard_per_epoch_and_uneven_batches(regression_run: dict[str, Any]) -> None:
+    tb = scalars(regression_run["result"].run_dir)
+    assert len(tb["val/r2"]) == EPOCHS
+    for by_hand_epoch, *logged in zip(
+        regression_run["val"], tb["val/loss"], tb["val/mse"], tb["val/mae"], tb["val/r2"], strict=True
+    ):
+        assert logged == [pytest.approx(by_hand_epoch[n], **TOL) for n in ("loss", "mse", "mae", "r2")]
+    # the check can fail: the mean of the test batches' MSEs is not the per-sample MSE
+    cfg, test = regression_run["cfg"], regression_run["test"]
+    splits = load_splits(cfg.data, cfg.seed, "regression")
+    model = build_model(cfg.model, (6,), 1)
+    model.load_state_dict(regression_run["record"].test_states[0])
+    mean, std = regression_run["mean"], regression_run["std"]
+    batches = zip(splits.x_test.split(24), splits.y_test.split(24), strict=True)
+    means = [regression_by_hand(model, x, y, mean, std)["mse"] for x, y in batches]
+    assert abs(sum(means) / len(means) - test["mse"]) > 1e-3 * test["mse"]
+
+
+def test_regression_checkpoint_holds_the_target_statistics(regression_run: dict[str, Any]) -> None:
+    from deepnets.checkpoint import load_checkpoint
+
+    run_dir = regression_run["result"].run_dir
+    state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]  # weights_only loading
+    assert state["target_mean"].tolist() == pytest.approx(regression_run["mean"].tolist(), rel=1e-6)
+    assert state["target_std"].tolist() == pytest.approx(regression_run["std"].tolist(), rel=1e-6)
+
+
+def test_regression_evaluate_of_an_export_equals_the_test_metrics(regression_run: dict[str, Any]) -> None:
+    from tests.conftest import run_cli
+
+    result = regression_run["result"]
+    export = export_run(result.run_dir)
+    evaluated = evaluate(export)
+    assert set(evaluated) == {"test/loss", "test/mse", "test/mae", "test/r2"}
+    for name, value in evaluated.items():
+        assert value == pytest.approx(regression_run["test"][name.split("/")[1]], **TOL), name
+        assert value == pytest.approx(result.metrics[name], **TOL), name
+    r = run_cli("--evaluate", str(export))
+    assert r.returncode == 0, r.stderr
+    assert f"test/r2={result.metrics['test/r2']:.4f}" in r.stdout

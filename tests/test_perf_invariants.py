@@ -16,10 +16,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import deepnets.module as module
 import deepnets.run as run
-from deepnets.config import load_config
+from deepnets.config import LOGGED_METRICS, load_config
 from deepnets.data import TensorBatches
 from deepnets.models import build_model
-from deepnets.module import Classifier, LossProgressBar, RunningMean, build_optimizer, is_logging_step
+from deepnets.module import LossProgressBar, RunningMean, TaskModule, build_optimizer, is_logging_step
 
 LOG_EVERY = 5
 # Tensor methods that read a value back to the host (a device sync on an accelerator).
@@ -46,7 +46,8 @@ class QuietSteps(L.Callback):
     on_train_epoch_end = on_validation_start = on_train_end = _loud  # type: ignore[assignment]
 
 
-def test_no_host_read_and_no_log_call_on_non_logging_steps(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_no_host_read_and_no_log_call_on_non_logging_steps(tmp_path, monkeypatch, task: str) -> None:
     """The whole pipeline (TensorBoard, progress bar, checkpoints, divergence guard, gradient monitor)
     reads nothing back from tensors and calls `self.log` only on logging steps; on an accelerator
     each read would be a host sync. The divergence guard reads every step on the CPU only (a CPU
@@ -69,6 +70,7 @@ def test_no_host_read_and_no_log_call_on_non_logging_steps(tmp_path, monkeypatch
             "trainer.test=false",
             f"logging.grad_norm_every_n_steps={3 * LOG_EVERY}",
             "checkpoint.every_n_steps=1000",
+            f"task={task}",
         ],
     )
     spy = QuietSteps(monitor_every=3 * LOG_EVERY)
@@ -83,14 +85,14 @@ def test_no_host_read_and_no_log_call_on_non_logging_steps(tmp_path, monkeypatch
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     log_calls: list[str] = []
-    original_log = Classifier.log
+    original_log = TaskModule.log
 
-    def counted_log(self: Classifier, name: str, *args: Any, **kwargs: Any) -> None:
+    def counted_log(self: TaskModule, name: str, *args: Any, **kwargs: Any) -> None:
         if spy.quiet:
             log_calls.append(name)
         original_log(self, name, *args, **kwargs)
 
-    monkeypatch.setattr(Classifier, "log", counted_log)
+    monkeypatch.setattr(TaskModule, "log", counted_log)
     original_callbacks = run._callbacks
 
     def patched(c: Any, run_dir: Any) -> Any:
@@ -106,7 +108,7 @@ def test_no_host_read_and_no_log_call_on_non_logging_steps(tmp_path, monkeypatch
     assert spy.quiet_steps > 20  # the check covered most steps
     assert reads == [], f"host reads on non-logging steps: {sorted(set(reads))}"
     assert log_calls == [], f"self.log on non-logging steps: {sorted(set(log_calls))}"
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc"):  # every metric still logged
+    for key in LOGGED_METRICS[task]:  # every metric still logged
         assert key in result.metrics
 
 
