@@ -36,7 +36,7 @@ Tolerances (the reference is float64; the run reduces in float32):
   4 decimals, so abs 5e-5 more.
 
 `--fault drop-batch-weights` (for tests/test_exact_metrics_script.py) makes deepnets' epoch means ignore the
-batch sizes, as MeanMetric(nan_strategy="disable") did in torchmetrics 1.9: the callback and metrics.json rows
+batch sizes, as MeanMetric(nan_strategy="disable") did in torchmetrics 1.9: the callback, metrics.json and evaluate() rows
 must then FAIL.
 """
 
