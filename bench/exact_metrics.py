@@ -36,8 +36,8 @@ Tolerances (the reference is float64; the run reduces in float32):
   4 decimals, so abs 5e-5 more.
 
 `--fault drop-batch-weights` (for tests/test_exact_metrics_script.py) makes deepnets' epoch means ignore the
-batch sizes, as MeanMetric(nan_strategy="disable") did in torchmetrics 1.9: the callback, metrics.json and evaluate() rows
-must then FAIL.
+batch sizes, as MeanMetric(nan_strategy="disable") did in torchmetrics 1.9: the callback, metrics.json and
+evaluate() rows must then FAIL.
 """
 
 from __future__ import annotations
