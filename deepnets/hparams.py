@@ -170,7 +170,7 @@ def hparams(cfg: Config) -> dict[str, bool | float | str]:
 
     def walk(d: dict[str, Any], prefix: str) -> None:
         for k, v in d.items():
-            if isinstance(v, dict) and f"{prefix}{k}" not in ("sweep.params",):
+            if isinstance(v, dict) and f"{prefix}{k}" not in ("sweep.params", "model.kwargs"):
                 walk(v, f"{prefix}{k}.")
             else:
                 flat[f"{prefix}{k}"] = v
