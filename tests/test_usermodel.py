@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from deepnets.config import load_config, to_yaml
+from deepnets.data import InMemoryDataModule
 from deepnets.errors import UserError
-from deepnets.export import evaluate, load_exported
+from deepnets.export import evaluate, export_run, load_exported
 from deepnets.imports import resolve_import
 from deepnets.memory import check_fits
 from deepnets.models import (
@@ -181,8 +182,8 @@ IMPORT_FAILURES = {
     r"pass your module's settings in model.kwargs",
     "kwargs-on-builtin": r"model.kwargs.hidden: model.kwargs is for a model.arch import path; mlp takes its settings "
     r"as model.<key> \(see the README's config table\)",
-    "typo": r"model.arch: expected one of mlp, skipnet, resmlp, densemlp, resnet, densenet, or an import path "
-    r"path/to/file.py:ClassName or package.module:ClassName, got 'resnt'; did you mean resnet\?",
+    "typo": r"model.arch: expected one of mlp, skipnet, resmlp, densemlp, resnet, densenet, got 'resnt'; did you "
+    r"mean resnet\? \(or your own nn.Module: path/to/file.py:ClassName or package.module:ClassName\)",
 }
 
 
@@ -281,34 +282,11 @@ def test_memory_check_survives_a_module_without_meta_kernels(tmp_path: Path) -> 
 # ---------------------------------------------------------------- the monitor's depth order
 
 
-def test_monitor_lists_layers_in_forward_order_not_registration_order(revnet: Path, tmp_path: Path) -> None:
-    cfg = load(
-        f"model.arch={revnet}:RevNet",
-        f"output_dir={tmp_path / 'runs'}",
-        "logging.grad_norm_every_n_steps=1",
-        "trainer.max_epochs=1",
-    )
-    model = build_model(cfg.model, (8,), 3)
+def test_forward_order_is_not_registration_order(revnet: Path) -> None:
+    model = build_model(load(f"model.arch={revnet}:RevNet").model, (8,), 3)
     registered = [n.removesuffix(".weight") for n, p in model.named_parameters() if p.dim() >= 2]
     assert registered == ["head", "mid", "inp"]
     assert [n for n, _ in depth_ordered_layers(model)] == ["inp", "mid", "head"]
-
-    grads: list[dict[str, float]] = []
-
-    class Spy(GradientFlowMonitor):  # the gradients as the monitor sees them, computed independently
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # type: ignore[no-untyped-def]
-            net = pl_module.model
-            grads.append({n: float(getattr(net, n).weight.grad.norm()) for n in ("inp", "mid", "head")})
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)
-
-    spy = Spy.from_config(cfg.logging)
-    result = train(cfg, callbacks=[spy])
-    assert result.status == "completed"
-    h = spy.history
-    assert h.layer_names == ["inp", "mid", "head"]
-    assert len(h.steps) == len(grads) > 0
-    want = torch.tensor([[g[n] for n in h.layer_names] for g in grads], dtype=torch.float64)
-    torch.testing.assert_close(h.grad_norm, want, rtol=1e-5, atol=0)
 
 
 def test_monitor_traces_a_net_given_input_shape(revnet: Path) -> None:
@@ -376,7 +354,9 @@ def test_zoo_table_is_what_validation_reads() -> None:
 # ---------------------------------------------------------------- a run of one: train, resume, export, evaluate
 
 
-def test_train_resume_export_evaluate_from_other_cwds(revnet: Path, tmp_path: Path) -> None:
+def test_own_module_through_train_monitor_resume_export_evaluate(
+    revnet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     exp = write(
         tmp_path / "usercode" / "exp.yaml",
         """
@@ -388,27 +368,51 @@ def test_train_resume_export_evaluate_from_other_cwds(revnet: Path, tmp_path: Pa
     )
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    args = [*BASE[1:], f"output_dir={tmp_path / 'runs'}", "trainer.max_epochs=1", "logging.grad_norm_every_n_steps=2"]
-    r = run_cli("--config", str(exp), *args, cwd=a)
-    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.chdir(a)
+    args = [*BASE[1:], f"output_dir={tmp_path / 'runs'}", "trainer.max_epochs=1", "logging.grad_norm_every_n_steps=1"]
+    cfg = load_config(str(exp), args)
+    grads: list[dict[str, float]] = []
+
+    class Spy(GradientFlowMonitor):  # the run's monitor, plus each layer's gradient norm computed here
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # type: ignore[no-untyped-def]
+            net = pl_module.model
+            grads.append({n: float(getattr(net, n).weight.grad.norm()) for n in ("inp", "mid", "head")})
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    spy = Spy.from_config(cfg.logging)
+    first = train(cfg, callbacks=[spy])
+    assert first.status == "completed"
+    # the monitor's depth order is the forward pass's (RevNet registers head, mid, inp), its norms exact
+    h = spy.history
+    assert h.layer_names == ["inp", "mid", "head"]
+    assert len(h.steps) == len(grads) > 0
+    want = torch.tensor([[g[n] for n in h.layer_names] for g in grads], dtype=torch.float64)
+    torch.testing.assert_close(h.grad_norm, want, rtol=1e-5, atol=0)
     run = tmp_path / "runs" / "own" / "version_0"
+    assert first.run_dir == run
     saved = (run / "config.yaml").read_text()
     assert f"arch: {revnet}:RevNet" in saved and "hidden: 12" in saved
 
-    # resume from another cwd with the run's own config.yaml: continues in the same run directory
+    # resume in a fresh process, from another cwd, with the run's own config.yaml: the same run directory
     r = run_cli("--config", str(run / "config.yaml"), "--resume", "last", "trainer.max_epochs=2", cwd=b)
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "runs" / "own").iterdir()) == ["version_0"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["epochs"] == 2
 
-    r = run_cli("--export", str(run), cwd=b)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli("--evaluate", str(run / "export"), cwd=a)
-    assert r.returncode == 0, r.stderr[-2000:]
-    model, _ = load_exported(run / "export")
+    monkeypatch.chdir(b)
+    out = export_run(run)
+    model, _ = load_exported(out)
     assert type(model).__name__ == "RevNet" and model.hidden == 12
-    assert evaluate(run / "export")["test/acc"] == pytest.approx(metrics["metrics"]["test/acc"], abs=1e-6)
+    # the exported weights, applied by hand to the test split, give the run's reported test metrics
+    dm = InMemoryDataModule(load_config(str(run / "config.yaml")).data, 0)
+    dm.setup("test")
+    x, y = dm.splits.x_test, dm.splits.y_test
+    with torch.no_grad():
+        logits = model(x)
+    acc = float((logits.argmax(1) == y).float().mean())
+    assert acc == pytest.approx(metrics["metrics"]["test/acc"], abs=1e-6)
+    assert evaluate(out)["test/acc"] == pytest.approx(acc, abs=1e-6)
 
 
 def test_run_config_reloads_equal_from_another_cwd(

@@ -270,8 +270,8 @@ def check_arch_name(value: str, key: str = "model.arch") -> str:
     near = difflib.get_close_matches(value, BUILTIN_ARCHS, n=1, cutoff=0.5)
     hint = f"; did you mean {near[0]}?" if near else ""
     raise UserError(
-        f"{key}: expected one of {', '.join(BUILTIN_ARCHS)}, or an import path path/to/file.py:ClassName or "
-        f"package.module:ClassName, got {value!r}{hint}"
+        f"{key}: expected one of {', '.join(BUILTIN_ARCHS)}, got {value!r}{hint} (or your own nn.Module: "
+        "path/to/file.py:ClassName or package.module:ClassName)"
     )
 
 
