@@ -455,3 +455,12 @@ def test_ddp_two_cpu_processes_with_a_users_module(revnet: Path, tmp_path: Path)
     run = tmp_path / "runs" / "tiny" / "version_0"
     assert json.loads((run / "metrics.json").read_text())["status"] == "completed"
     assert (run / "gradient_flow.png").is_file()
+
+
+def test_figure_title_names_a_users_module() -> None:
+    from deepnets.monitor import describe_model
+
+    assert describe_model({"arch": "/x/y/net.py:Net", "kwargs": {"hidden": 3, "scale": 0.5}}) == (
+        "Net (net.py) hidden=3 scale=0.5"
+    )
+    assert describe_model({"arch": "pkg.nets:Net", "kwargs": {}}) == "Net (pkg.nets)"
