@@ -464,3 +464,8 @@ def test_figure_title_names_a_users_module() -> None:
         "Net (net.py) hidden=3 scale=0.5"
     )
     assert describe_model({"arch": "pkg.nets:Net", "kwargs": {}}) == "Net (pkg.nets)"
+
+
+def test_home_in_an_import_path_is_expanded_once(revnet: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(revnet.parent))
+    assert load("model.arch=~/revnet.py:RevNet").model.arch == f"{revnet}:RevNet"
