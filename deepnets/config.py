@@ -13,8 +13,8 @@ path, the nearest valid key or the allowed values.
   the settings that span fields (`validate`: monitors against the logged
   metrics, schedules that need a validation split or a run length).
 - `check_runtime` (called first by `deepnets.run.train`) checks the devices,
-  strategy and precision against this machine; it is the only part that
-  imports torch / Lightning, lazily.
+  strategy and precision against this machine; it and `model.arch` (the
+  ARCHITECTURES table, a user's module) import torch / Lightning, lazily.
 - `to_yaml` writes what `load_config` reads back equal.
 """
 
@@ -123,12 +123,24 @@ def _run_name(value: str, path: str) -> None:
 
 
 Activation = Literal["relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid", "identity"]
-Arch = Literal["mlp", "skipnet", "resmlp", "densemlp", "resnet", "densenet"]
+def _arch(value: str, path: str) -> str:
+    """A built-in name (did-you-mean on a miss) or an import path, recorded absolute (see deepnets.imports)."""
+    from deepnets.models import check_arch_name  # the ARCHITECTURES table lives with the models (imports torch)
+
+    return check_arch_name(value, path)
 
 
 @dataclass
 class ModelConfig:
-    arch: Arch = _f("mlp", "architecture family")
+    arch: str = _f(
+        "mlp",
+        "mlp, skipnet, resmlp, densemlp, resnet, densenet, or your own nn.Module: path/to/file.py:ClassName "
+        "(relative to the config file) or package.module:ClassName",
+        check=_arch,
+    )
+    kwargs: dict[str, Any] = _f(
+        {}, "own model.arch: constructor keyword arguments (input_shape and num_outputs come from the data)"
+    )
     preset: Literal["resnet18", "resnet34", "resnet50", "resnet20", "resnet56", "densenet121"] | None = _f(
         None, "named architecture; sets block/stage_depths/width/stem, explicit keys still win"
     )
@@ -166,6 +178,12 @@ class ModelConfig:
     # --- shared ---
     checkpointing: bool = _f(False, "recompute block activations in backward (saves memory)")
     channels_last: bool = _f(False, "conv nets: NHWC memory format (faster with mixed precision on GPU)")
+
+    def __post_init__(self) -> None:
+        if ":" in self.arch or self.kwargs:  # an import path: its file runs now (built-in names import nothing)
+            from deepnets.models import check_model_config
+
+            check_model_config(self)
 
 
 @dataclass
@@ -668,8 +686,23 @@ def load_config(name_or_path: str | None, overrides: Sequence[str] = ()) -> Conf
             raw = {}
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections, got {_show(raw)}")
+        _anchor_import_paths(raw, path.parent)
     apply_overrides(raw, overrides)
     return from_dict(raw)
+
+
+# keys whose value may be an import path `file.py:Name`; one written in a config file is relative to that
+# file's directory (an override, or a config made in code, is relative to the current directory)
+IMPORT_PATH_KEYS = (("model", "arch"), ("optim", "name"))
+
+
+def _anchor_import_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    from deepnets.imports import anchor
+
+    for section, key in IMPORT_PATH_KEYS:
+        sec = raw.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+            sec[key] = anchor(sec[key], base_dir)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
@@ -729,7 +762,9 @@ def _check_field(value: Any, tp: Any, meta: Mapping[str, Any], path: str) -> Any
     if meta.get("path") and isinstance(out, str):
         out = _expand_path(out, path)
     if "check" in meta and out is not None:
-        meta["check"](out, path)
+        checked = meta["check"](out, path)  # a check may also normalise (model.arch: an absolute path)
+        if checked is not None:
+            out = checked
     return out
 
 

@@ -49,10 +49,10 @@ def anchor(spec: str, base_dir: str | Path) -> str:
     target, sep, name = spec.rpartition(":")
     if not sep or not _is_file_target(target):
         return spec
-    path = Path(os.path.expanduser(target))
-    if path.is_absolute():
-        return spec
-    return f"{(Path(base_dir) / path).resolve()}:{name}"
+    path = Path(os.path.expanduser(target))  # `~` expanded once, here, as for the config's other paths
+    if not path.is_absolute():
+        path = (Path(base_dir) / path).resolve()
+    return f"{path}:{name}"
 
 
 def absolute_spec(spec: str) -> str:

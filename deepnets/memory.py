@@ -161,6 +161,8 @@ def _size_keys(cfg: Config) -> str:
     from deepnets.models import FC_ARCHS
 
     m = cfg.model
+    if ":" in m.arch:  # a user's module: its own settings
+        return f"model.arch={m.arch}, model.kwargs={m.kwargs}"
     keys = ("width", "depth") if m.arch in FC_ARCHS else ("width", "stage_depths", "growth_rate")
     return ", ".join(f"model.{k}={getattr(m, k)}" for k in keys if getattr(m, k, None) is not None)
 

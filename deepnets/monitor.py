@@ -36,7 +36,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from deepnets.config import LoggingConfig
-from deepnets.models import depth_ordered_layers
+from deepnets.models import depth_ordered_layers, has_forward_order, record_forward_order, sample_batch
 
 __all__ = ["GradientFlowHistory", "GradientFlowMonitor", "GradientFlowWarning"]
 
@@ -88,10 +88,20 @@ class GradientFlowMonitor(L.Callback):
     """Logs per-layer gradient norms in depth order to TensorBoard and `run_dir/gradient_flow.png`.
 
     Args:
-        cfg: the `logging:` section (`grad_norm_every_n_steps`, `weight_norms`,
-            `vanishing_ratio`, `exploding_norm`, `heatmap_every_n_logs`).
+        every_n_steps: log every this many optimizer steps (0: off).
+        weight_norms: also log weight norms and update/weight ratios (keeps a copy of the weights).
+        vanishing_ratio: warn when the first/last layer gradient norm falls below this.
+        exploding_norm: warn when a layer's gradient norm exceeds this.
+        heatmap_every_n_logs: redraw the TensorBoard heatmap after this many log events (at an epoch end).
+        heatmap_range: fixed log10 colour range (lo, hi) of the heatmaps (None: per run).
         run_dir: where `gradient_flow.png` goes at the end of training (None: no PNG).
+        title: figure title (None: from the run directory and the module's hparams).
+        input_shape: one sample's shape; when given, a net whose weight order no forward pass has recorded
+            yet (`deepnets.models.record_forward_order`; `build_model` records it for every user's module)
+            is run once on a sample batch at setup, and its layers are listed in the order that pass used
+            them. Without it, such a net's layers are in registration order (every zoo model's forward order).
 
+    `from_config(cfg.logging, run_dir)` takes the settings from a config's `logging:` section.
     The wrapped net is `pl_module.model` when the LightningModule has one,
     else the LightningModule itself. Only global rank 0 computes and logs
     (gradients are already all-reduced at `on_before_optimizer_step`).
@@ -103,15 +113,28 @@ class GradientFlowMonitor(L.Callback):
     # always at the end of training.
     heatmap_min_interval_s = 30.0
 
-    def __init__(self, cfg: LoggingConfig, run_dir: Path | str | None = None, title: str | None = None) -> None:
-        self.every_n = cfg.grad_norm_every_n_steps
-        self.weight_norms = cfg.weight_norms
-        self.vanishing_ratio = cfg.vanishing_ratio
-        self.exploding_norm = cfg.exploding_norm
-        self.heatmap_every_n_logs = cfg.heatmap_every_n_logs
+    def __init__(
+        self,
+        every_n_steps: int = 25,
+        *,
+        weight_norms: bool = False,
+        vanishing_ratio: float = 1e-3,
+        exploding_norm: float = 1e3,
+        heatmap_every_n_logs: int = 20,
+        heatmap_range: tuple[float, float] | list[float] | None = (-12.0, 1.0),
+        run_dir: Path | str | None = None,
+        title: str | None = None,
+        input_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        self.every_n = every_n_steps
+        self.weight_norms = weight_norms
+        self.vanishing_ratio = vanishing_ratio
+        self.exploding_norm = exploding_norm
+        self.heatmap_every_n_logs = heatmap_every_n_logs
         self.heatmap_range: tuple[float, float] | None = (
-            (float(cfg.heatmap_range[0]), float(cfg.heatmap_range[1])) if cfg.heatmap_range is not None else None
+            (float(heatmap_range[0]), float(heatmap_range[1])) if heatmap_range is not None else None
         )
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.title = title  # figure title: run and architecture (None: from the run directory and module hparams)
         self.layer_names: list[str] = []
@@ -128,6 +151,27 @@ class GradientFlowMonitor(L.Callback):
         self._live: tuple[list[str], _LiveHeatmap] | None = None  # the blitted TensorBoard heatmap
         self._unwritten: list[tuple[Any, int, float]] = []  # (Summary, step, wall time) not yet written
         self._last_write = -math.inf
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: LoggingConfig,
+        run_dir: Path | str | None = None,
+        title: str | None = None,
+        input_shape: tuple[int, ...] | None = None,
+    ) -> GradientFlowMonitor:
+        """The monitor a config's `logging:` section describes."""
+        return cls(
+            cfg.grad_norm_every_n_steps,
+            weight_norms=cfg.weight_norms,
+            vanishing_ratio=cfg.vanishing_ratio,
+            exploding_norm=cfg.exploding_norm,
+            heatmap_every_n_logs=cfg.heatmap_every_n_logs,
+            heatmap_range=cfg.heatmap_range,
+            run_dir=run_dir,
+            title=title,
+            input_shape=input_shape,
+        )
 
     def _reset_history(self) -> None:
         self._steps: list[int] = []
@@ -182,6 +226,11 @@ class GradientFlowMonitor(L.Callback):
         net = getattr(pl_module, "model", None)
         net = net if isinstance(net, nn.Module) else pl_module
         net = getattr(net, "_orig_mod", net)  # torch.compile wrapper
+        if self.input_shape is not None and not has_forward_order(net):
+            # recorded once per net: on the device and in the dtype of its parameters now
+            p = next((p for p in net.parameters() if p.is_floating_point()), None)
+            sample = sample_batch(self.input_shape)
+            record_forward_order(net, sample.to(p.device, p.dtype) if p is not None else sample)
         layers = depth_ordered_layers(net)
         names = [name for name, _ in layers]
         if self.layer_names and names != self.layer_names:
@@ -521,6 +570,11 @@ def describe_model(model: Any) -> str:
     if not isinstance(model, dict) or "arch" not in model:
         return ""
     m, arch = model, str(model["arch"])
+    if ":" in arch:  # a user's module: its class, file and kwargs
+        target, _, name = arch.rpartition(":")
+        kwargs = m.get("kwargs") or {}
+        shown = " ".join(f"{k}={v}" for k, v in kwargs.items()) if isinstance(kwargs, dict) else ""
+        return " ".join(p for p in (f"{name} ({Path(target).name})", shown) if p)
     if m.get("preset"):
         parts = [str(m["preset"])]
     elif arch in ("mlp", "skipnet", "resmlp"):

@@ -595,7 +595,7 @@ def _callbacks(cfg: Config, run: RunDir) -> tuple[list[Callback], ModelCheckpoin
     if cfg.trainer.progress_bar:  # shows the loss without Lightning's per-step prog_bar .item()
         callbacks.append(LossProgressBar())
     if cfg.logging.grad_norm_every_n_steps > 0:
-        callbacks.append(GradientFlowMonitor(cfg.logging, run_dir))
+        callbacks.append(GradientFlowMonitor.from_config(cfg.logging, run_dir))
     if run_dir is not None and cfg.logging.tensorboard:  # layout, hyperparameters and outcome for TensorBoard
         callbacks.append(HParamsRecorder(cfg))
     early = None

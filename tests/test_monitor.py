@@ -114,7 +114,7 @@ class Reference(L.Callback):
 
 def test_logged_norms_equal_independent_computation(tmp_path: Path) -> None:
     ref = Reference()
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=3), None)
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=3), None)
     module = Tiny(mlp(depth=5, batch_norm=True))
     fit(module, mon, tmp_path, steps=10, callbacks=[ref], logger=False)
     h = mon.history
@@ -177,7 +177,7 @@ def test_nothing_computed_on_non_logging_steps(tmp_path: Path, monkeypatch: pyte
         return real(*a, **kw)
 
     monkeypatch.setattr(torch, "_foreach_norm", counting)
-    mon = _CountingMonitor(cfg(grad_norm_every_n_steps=4), None)
+    mon = _CountingMonitor.from_config(cfg(grad_norm_every_n_steps=4), None)
     trainer = L.Trainer(
         max_steps=10,
         logger=False,
@@ -208,7 +208,7 @@ def test_one_host_transfer_per_log_event(tmp_path: Path, monkeypatch: pytest.Mon
         transfers.append(1)
         return real(self)
 
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=2), None)
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=2), None)
     module = Tiny(mlp())
     monkeypatch.setattr(torch.Tensor, "tolist", counting)
     fit(module, mon, tmp_path, steps=6, logger=False)
@@ -227,7 +227,7 @@ def _events(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_png_tags_and_heatmaps(tmp_path: Path) -> None:
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=2, heatmap_every_n_logs=2), tmp_path / "run")
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=2, heatmap_every_n_logs=2), tmp_path / "run")
     mon.heatmap_min_interval_s = 0.0  # at every epoch end with 2 new log events, however close in time
     module = Tiny(mlp(depth=11))  # 12 layers: index 10 and 11 must sort after 09
     fit(module, mon, tmp_path, steps=20)  # 8 steps per epoch: epochs end after steps 7, 15 and 19
@@ -248,7 +248,7 @@ def test_png_tags_and_heatmaps(tmp_path: Path) -> None:
 
 
 def test_first_over_last_scalars_are_the_ratio_of_the_layer_norms(tmp_path: Path) -> None:
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1), None)
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=1), None)
     fit(Tiny(mlp(depth=6, activation="sigmoid")), mon, tmp_path, steps=4)
     acc = _events(tmp_path)
     g = mon.history.grad_norm
@@ -261,7 +261,7 @@ def test_first_over_last_scalars_are_the_ratio_of_the_layer_norms(tmp_path: Path
 
 def test_heatmap_in_a_run_shorter_than_heatmap_every_n_logs(tmp_path: Path) -> None:
     """A short run (fewer log events than heatmap_every_n_logs) still gets its heatmap, at the end."""
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1), tmp_path / "run")
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=1), tmp_path / "run")
     assert mon.heatmap_min_interval_s == 30.0 and mon.heatmap_every_n_logs == 20
     fit(Tiny(mlp(depth=3)), mon, tmp_path, steps=12)
     assert [e.step for e in _events(tmp_path).Images("gradient_flow/heatmap")] == [11]
@@ -271,7 +271,7 @@ def test_heatmap_images_are_at_least_thirty_seconds_apart(tmp_path: Path) -> Non
     """Logging every step would otherwise draw a labelled heatmap every heatmap_every_n_logs steps.
 
     The first periodic one comes 30 s into training: a run of a second or two gets only the end's."""
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1, heatmap_every_n_logs=2), tmp_path / "run")
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=1, heatmap_every_n_logs=2), tmp_path / "run")
     fit(Tiny(mlp(depth=3)), mon, tmp_path, steps=12)
     assert [e.step for e in _events(tmp_path).Images("gradient_flow/heatmap")] == [11]
 
@@ -314,7 +314,7 @@ def test_figure_marks_exact_zeros_and_uses_the_configured_colour_range(
 
     from deepnets.monitor import render
 
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1, heatmap_range=heatmap_range), None, title="t")
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=1, heatmap_range=heatmap_range), None, title="t")
     fit(Tiny(_dead_head_net()), mon, tmp_path, steps=4, logger=False)
     g = mon.history.grad_norm.numpy()  # (4, 4)
     assert (g[0, :-1] == 0).all() and g[0, -1] > 0 and (g[1:] > 0).all()
@@ -342,7 +342,7 @@ def test_figure_text_reads_at_tensorboards_image_width(tmp_path: Path) -> None:
 
     module = Tiny(mlp(depth=30, arch="mlp"))
     module.hparams.update({"name": "deep", "model": {"arch": "mlp", "depth": 30, "width": 32, "activation": "tanh"}})
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1), tmp_path / "deep" / "version_3")
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=1), tmp_path / "deep" / "version_3")
     fit(module, mon, tmp_path, steps=3, logger=False)
     fig = mon.figure()
     render(fig)
@@ -357,7 +357,7 @@ def test_figure_text_reads_at_tensorboards_image_width(tmp_path: Path) -> None:
 
 
 def test_without_tensorboard_history_and_png_remain(tmp_path: Path) -> None:
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1, weight_norms=False), tmp_path)
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=1, weight_norms=False), tmp_path)
     fit(Tiny(mlp()), mon, tmp_path, steps=3, logger=False)
     assert mon.history.steps == [0, 1, 2]
     assert mon.history.weight_norm.shape == (0, 5)
@@ -365,14 +365,14 @@ def test_without_tensorboard_history_and_png_remain(tmp_path: Path) -> None:
 
 
 def test_off_does_nothing(tmp_path: Path) -> None:
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=0), tmp_path)
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=0), tmp_path)
     fit(Tiny(mlp()), mon, tmp_path, steps=3, logger=False)
     assert mon.history.steps == []
     assert not (tmp_path / "gradient_flow.png").exists()
 
 
 def test_png_written_when_interrupted(tmp_path: Path) -> None:
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1), tmp_path)
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=1), tmp_path)
     with pytest.raises(SystemExit):  # Lightning turns KeyboardInterrupt into exit(1) after on_exception
         fit(Tiny(mlp(), fail_at=4), mon, tmp_path, steps=10)
     assert mon.history.steps == [0, 1, 2, 3]
@@ -380,7 +380,7 @@ def test_png_written_when_interrupted(tmp_path: Path) -> None:
 
 
 def _warnings_of(module: L.LightningModule, tmp_path: Path, **kw: object) -> list[str]:
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=2, **kw), None)
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=2, **kw), None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(module, mon, tmp_path, steps=6, logger=False)
@@ -416,13 +416,13 @@ def test_exploding_and_nonfinite_warnings_name_layers(tmp_path: Path) -> None:
 
 
 def test_state_dict_round_trip(tmp_path: Path) -> None:
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=2, vanishing_ratio=1.0), None)
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=2, vanishing_ratio=1.0), None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit(Tiny(mlp()), mon, tmp_path, steps=6, logger=False)
     torch.save({"cb": mon.state_dict()}, tmp_path / "s.pt")
     state = torch.load(tmp_path / "s.pt", weights_only=True)["cb"]
-    other = GradientFlowMonitor(cfg(grad_norm_every_n_steps=2), None)
+    other = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=2), None)
     other.load_state_dict(state)
     a, b = mon.history, other.history
     assert a.steps == b.steps == [0, 2, 4]
@@ -441,13 +441,13 @@ def test_history_and_warnings_survive_checkpoint_resume(tmp_path: Path) -> None:
         "enable_model_summary": False,
         "accelerator": "cpu",
     }
-    first = GradientFlowMonitor(c, None)
+    first = GradientFlowMonitor.from_config(c, None)
     trainer = L.Trainer(max_steps=4, callbacks=[first], **kw)
     with pytest.warns(GradientFlowWarning, match="vanishing"):
         trainer.fit(Tiny(mlp()))
     trainer.save_checkpoint(tmp_path / "a.ckpt")
 
-    second = GradientFlowMonitor(c, tmp_path)
+    second = GradientFlowMonitor.from_config(c, tmp_path)
     trainer = L.Trainer(max_steps=8, callbacks=[second], **kw)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -537,7 +537,7 @@ def test_dense_events_reach_tensorboard_in_bursts_sparse_ones_at_once(monkeypatc
 
     clock = [0.0]
     monkeypatch.setattr(monitor_module.time, "monotonic", lambda: clock[0])
-    mon = GradientFlowMonitor(cfg(grad_norm_every_n_steps=1))
+    mon = GradientFlowMonitor.from_config(cfg(grad_norm_every_n_steps=1))
     mon.layer_names, mon._writer = ["a", "b"], Writer()
 
     def event(step: int, dt: float) -> None:
