@@ -4,6 +4,7 @@
     python bench/stacked.py                 # full sweep (12 widths x 3 seeds, 400 epochs), rounds A B A B
     python bench/stacked.py --quick         # smoke test: 4 widths, 2 seeds, 10 epochs, one round each
     python bench/stacked.py --rounds 3 --json stacked.json
+    python bench/stacked.py --gpu-row [--quick] [--device cpu]   # bench/gpu_check.sh's row (skipped without a GPU)
 
 Each round is `deepnets --config double_descent output_dir=<tmp> sweep.vectorize=V` in a fresh process (as a
 user runs it: Lightning's start-up is part of the cost), alternating V = false and true (A B A B) so that a
@@ -14,6 +15,11 @@ The tables: stacked training is exact per member (tests/test_stacked.py: bitwise
 steps), but over 2,000 Adam steps float rounding of the batched matmuls may move a run a little, so every
 metric of every width's seed mean must agree within the seed-to-seed spread (2 x the std over seeds, or
 0.01 where the seeds agree closer), and the statuses must be equal.
+
+`--gpu-row`: members per second of 64 stacked 2x64 MLPs (one `train_stacked`) against 64 sequential
+`deepnets.run.train` runs of the same points (digits, 50 steps each, in this process after the imports, so
+Lightning's per-run start-up is in the sequential figure as a sweep pays it). Without a visible GPU (and no
+`--device cpu`) it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["sweep.params={model.width: [4, 16, 64, 256]}", "sweep.seeds=[0, 1]", "trainer.max_epochs=10"]
@@ -80,12 +87,67 @@ def compare(plain: list[dict[str, str]], stacked: list[dict[str, str]]) -> list[
     return problems
 
 
+def gpu_row(quick: bool, device: str | None, json_path: Path | None) -> int:
+    import torch
+
+    if device is None:
+        if not torch.cuda.is_available():
+            print("stacked gpu row: no CUDA device visible; skipped")
+            return 0
+        device = "gpu"
+    from deepnets.config import load_config
+    from deepnets.run import train
+    from deepnets.stacked import train_stacked
+
+    members = 4 if quick else 64
+    with tempfile.TemporaryDirectory(prefix="stacked_gpu_") as tmp:
+
+        def cfg(seed: int, kind: str) -> Any:
+            return load_config(
+                "double_descent",
+                [f"name={kind}/s{seed}", f"seed={seed}", f"output_dir={tmp}", "model.depth=2", "model.width=64",
+                 "trainer.max_epochs=10", f"trainer.accelerator={device}", "trainer.progress_bar=false"],
+            )  # fmt: skip
+
+        train_stacked([cfg(0, "warmup")])  # CUDA context, kernels: not part of either figure
+        start = time.perf_counter()
+        stacked = train_stacked([cfg(s, "stacked") for s in range(members)])
+        t_stacked = time.perf_counter() - start
+        start = time.perf_counter()
+        alone = [train(cfg(s, "alone")) for s in range(members)]
+        t_alone = time.perf_counter() - start
+    ok = all(r.ok for r in stacked) and all(r.ok for r in alone)
+    agree = all(abs(a.metrics["test/acc"] - b.metrics["test/acc"]) <= 0.02 for a, b in zip(alone, stacked, strict=True))
+    row = {
+        "device": device if device != "gpu" else torch.cuda.get_device_name(0),
+        "members": members,
+        "steps": 50,
+        "stacked_members_per_s": members / t_stacked,
+        "sequential_members_per_s": members / t_alone,
+        "speedup": t_alone / t_stacked,
+        "all_ok": ok,
+        "test_acc_agree_0.02": agree,
+    }
+    print(
+        f"stacked row: {members} x 2x64 MLP, 50 steps each on {row['device']}: stacked "
+        f"{row['stacked_members_per_s']:.2f} members/s, sequential {row['sequential_members_per_s']:.2f} members/s "
+        f"({row['speedup']:.1f}x); all ok: {ok}; test/acc within 0.02: {agree}"
+    )
+    if json_path:
+        json_path.write_text(json.dumps(row, indent=2) + "\n")
+    return 0 if ok and agree else 1
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu-row", action="store_true", help="64 stacked 2x64 MLPs vs 64 sequential runs (GPU only)")
+    p.add_argument("--device", default=None, help="--gpu-row on this accelerator (cpu: a smoke test)")
     p.add_argument("--quick", action="store_true", help="4 widths, 2 seeds, 10 epochs, one round")
     p.add_argument("--rounds", type=int, default=None, help="A B rounds (default 2; --quick: 1)")
     p.add_argument("--json", type=Path, help="also write the measurements here")
     args = p.parse_args()
+    if args.gpu_row:
+        return gpu_row(args.quick, args.device, args.json)
     overrides = QUICK if args.quick else []
     rounds = args.rounds or (1 if args.quick else 2)
     times: dict[str, list[float]] = {"plain": [], "stacked": []}
