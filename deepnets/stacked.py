@@ -54,7 +54,7 @@ from deepnets.data import InMemoryDataModule
 from deepnets.errors import UserError
 from deepnets.models import build_model, depth_ordered_layers
 from deepnets.models.mlp import MLP
-from deepnets.module import _fast, build_scheduler, param_groups
+from deepnets.module import _fast, build_scheduler, is_logging_step, param_groups
 from deepnets.rundir import RunLock
 
 # ---------------------------------------------------------------- what may differ between members
@@ -136,8 +136,6 @@ def check_vectorize(cfg: Config) -> None:
         raise no(f"trainer.precision={t.precision}", "is only stacked in 32-bit", "set 32")
     if cfg.data.augment:
         raise no("data.augment", "draws crops per run", "set false")
-    if cfg.logging.tensorboard:
-        raise no("logging.tensorboard", "(per-member event files) is not written by stacked runs", "set false")
     if cfg.logging.grad_norm_every_n_steps > 0:
         raise no("logging.grad_norm_every_n_steps", "(the gradient-flow monitor) watches one model", "set 0")
     if cfg.checkpoint.enabled and cfg.early_stopping.restore_best:
@@ -309,6 +307,9 @@ class StackedClassifier(L.LightningModule):
         self.stop_check: Any = None  # called after each step (signals)
         self._last_loss: Tensor | None = None
         self.steps_per_epoch = 1  # the training loader's length, set before fit (the schedule's length)
+        self.writers: list[Any] = []  # each member's TensorBoardLogger (logging.tensorboard), else empty
+        self.member_groups: list[list[int]] = []  # each member's param groups in the stacked optimizer
+        self.scheduled = False
 
     def forward(self, x: Tensor, train: bool) -> Tensor:
         """x (M, B, ...) in member order -> logits (M, B, K) in member order."""
@@ -341,18 +342,37 @@ class StackedClassifier(L.LightningModule):
             s[0] += loss.detach() * B  # the standalone RunningMean: mean * n per batch
             s[1] += (logits.detach().argmax(2) == y).sum(1)
             s[2] += B
+        ce = loss.detach()  # (M,): train/loss_step, without the L1 term
+        pen: list[Tensor | None] = [None] * M
         if any(self.l1):
             pen = [
                 lam * torch.stack([w.abs().sum() for _, w in depth_ordered_layers(m)]).sum() if lam > 0 else None
                 for lam, m in zip(self.l1, self.models, strict=True)
             ]
             loss = loss + torch.stack([p if p is not None else loss.new_zeros(()) for p in pen])
+        if self.writers and is_logging_step(self.trainer):  # what Classifier._log_step writes, per member
+            step, epoch = self.trainer.global_step, self.trainer.current_epoch
+            for w, v, p in zip(self.writers, ce.tolist(), pen, strict=True):
+                extra = {"train/l1": float(p.detach())} if p is not None else {}
+                w.log_metrics({"train/loss_step": v, **extra, "epoch": epoch}, step)
         self._last_loss = loss.detach()
         return loss.sum()  # d(sum)/d(loss_m) = 1: each member gets its standalone gradient
 
     def on_train_start(self) -> None:
         if self.stop_check is not None:
             self.stop_check(None)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """What LearningRateMonitor(logging_interval="step") writes for a standalone run with a schedule:
+        `lr-<Optimizer>` (one param group) or `lr-<Optimizer>/pg<i>`, each member its own groups' lr."""
+        if not (self.writers and self.scheduled and is_logging_step(self.trainer)):
+            return
+        optimizer = self.trainer.optimizers[0]
+        name, step = f"lr-{type(optimizer).__name__}", self.trainer.global_step
+        for writer, groups in zip(self.writers, self.member_groups, strict=True):
+            lrs = [float(optimizer.param_groups[g]["lr"]) for g in groups]
+            tags = [name] if len(lrs) == 1 else [f"{name}/pg{k + 1}" for k in range(len(lrs))]
+            writer.log_metrics(dict(zip(tags, lrs, strict=True)), step)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self._last_loss is not None
@@ -370,8 +390,14 @@ class StackedClassifier(L.LightningModule):
                 continue  # its standalone run stopped at the divergence: keep what it had then
             n = float(s[2, m])
             if n > 0:
-                self.epoch_metrics[m][f"{name}/loss"] = float(s[0, m] / n)
-                self.epoch_metrics[m][f"{name}/acc"] = float(s[1, m] / n)
+                loss, acc = float(s[0, m] / n), float(s[1, m] / n)
+                self.epoch_metrics[m][f"{name}/loss"] = loss
+                self.epoch_metrics[m][f"{name}/acc"] = acc
+                if self.writers:  # the tags Classifier's self.log writes at the epoch end
+                    tag = "train/loss_epoch" if name == "train" else f"{name}/loss"
+                    epoch = self.trainer.current_epoch
+                    step = self.trainer.global_step - (0 if name == "test" else 1)  # Lightning's steps for them
+                    self.writers[m].log_metrics({tag: loss, f"{name}/acc": acc, "epoch": epoch}, step)
         self.sums[stage].zero_()
 
     def on_train_epoch_end(self) -> None:
@@ -397,13 +423,15 @@ class StackedClassifier(L.LightningModule):
         self._close(2, "test")
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_stacked_optimizer(self.models, self.cfgs)
+        optimizer, self.member_groups = build_stacked_optimizer(self.models, self.cfgs)
+        self.scheduled = False
         sched = self.cfgs[0].scheduler
         if sched.name == "none" and not sched.warmup_steps:
             return optimizer
         per_epoch, t = self.steps_per_epoch, self.trainer
         total = t.max_steps if t.max_steps > 0 else per_epoch * max(t.max_epochs or 1, 1)
         scheduler = build_scheduler(optimizer, sched, total, per_epoch, self.cfgs[0].optim.lr)
+        self.scheduled = True
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -416,11 +444,15 @@ _GROUP_HYPER = {
 }
 
 
-def build_stacked_optimizer(models: Sequence[nn.Module], cfgs: Sequence[Config]) -> torch.optim.Optimizer:
+def build_stacked_optimizer(
+    models: Sequence[nn.Module], cfgs: Sequence[Config]
+) -> tuple[torch.optim.Optimizer, list[list[int]]]:
     """One optimizer over every member's own param groups (its `param_groups` with its hyperparameters set
-    per group), groups of equal hyperparameters merged; the kind `build_optimizer` builds for one run."""
+    per group), groups of equal hyperparameters merged; the kind `build_optimizer` builds for one run.
+    Also each member's groups' indices in it, in the member's own group order."""
     name = cfgs[0].optim.name
     merged: dict[str, dict[str, Any]] = {}
+    where: list[list[int]] = []
     for model, cfg in zip(models, cfgs, strict=True):
         o = cfg.optim
         own = {
@@ -433,10 +465,12 @@ def build_stacked_optimizer(models: Sequence[nn.Module], cfgs: Sequence[Config])
         }
         if name in ("adam", "adamw") and (len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas)):
             raise UserError(f"optim.betas: need two values in [0, 1), got {o.betas}")
+        where.append([])
         for g in param_groups(model, o):
             hyper = {k: own[k] for k in _GROUP_HYPER[name]} | {"weight_decay": g["weight_decay"]}
             key = json.dumps(hyper, sort_keys=True)
             merged.setdefault(key, {**hyper, "params": []})["params"] += g["params"]
+            where[-1].append(list(merged).index(key))
     cls = {
         "sgd": torch.optim.SGD,
         "adam": torch.optim.Adam,
@@ -446,8 +480,8 @@ def build_stacked_optimizer(models: Sequence[nn.Module], cfgs: Sequence[Config])
     }[name]
     groups = list(merged.values())
     if name == "rmsprop":  # as build_optimizer: no fused kernel
-        return cls(groups, foreach=True)
-    return _fast(cls, groups)
+        return cls(groups, foreach=True), where
+    return _fast(cls, groups), where
 
 
 # ---------------------------------------------------------------- the run
@@ -620,6 +654,8 @@ def _fit_stacked(
 
     module.stop_check = check
     module.steps_per_epoch = max(len(train_loader), 1)
+    if cfg.logging.tensorboard:
+        module.writers = [_tensorboard(m, model, threads) for m, model in zip(members, models, strict=True)]
     status, error, signum = "completed", None, None
     try:
         with _quiet(quiet):
@@ -646,6 +682,8 @@ def _fit_stacked(
         metrics = {k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}
         record = m.record
         record.write(st, err, metrics, trainer=trainer)
+        if module.writers:
+            _end_tensorboard(module.writers[i], st, metrics, module.diverged.get(i, trainer.global_step))
         if i in module.diverged:  # the standalone run stopped there
             record.steps = module.diverged[i]
             record.write(st, err, metrics)
@@ -653,6 +691,46 @@ def _fit_stacked(
             _save_member(m, model, trainer, threads)
         results.append(RunResult(m.run_dir, st, metrics, error=err, signum=signum, model=model))
     return results
+
+
+def _tensorboard(m: Member, model: nn.Module, threads: int) -> Any:
+    """The member's TensorBoard run, as build_trainer makes it, with HParamsRecorder's start of fit: the
+    layout, the experiment definition and the session's hyperparameters (the thread count used)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from deepnets.hparams import experiment_summary, layout_summary, session_start_summary
+    from deepnets.tb import use_fast_crc
+
+    assert m.run_dir is not None
+    use_fast_crc()
+    logger = TensorBoardLogger(
+        save_dir=str(m.run_dir.parent.parent),
+        name=m.run_dir.parent.name,
+        version=m.run_dir.name,
+        default_hp_metric=False,
+        flush_secs=10,
+    )
+    used = dataclasses.replace(m.cfg, trainer=dataclasses.replace(m.cfg.trainer, threads=threads))
+    logger.log_hyperparams(used.to_dict())  # hparams.yaml, as Lightning writes from save_hyperparameters
+    file_writer = logger.experiment._get_file_writer()
+    for summary in (layout_summary(), experiment_summary(), session_start_summary(m.cfg)):
+        file_writer.add_summary(summary, 0)
+    logger.parameters = sum(p.numel() for p in model.parameters())  # type: ignore[attr-defined]
+    return logger
+
+
+def _end_tensorboard(logger: Any, status: str, metrics: dict[str, Any], step: int) -> None:
+    """HParamsRecorder's end of the run: the final metrics as `final/...` scalars and the session end."""
+    from deepnets.hparams import STATUS_CODES, session_end_summary
+
+    writer = logger.experiment
+    final = {f"final/{k}": metrics.get(k) for k in ("test/acc", "test/loss", "val/acc", "val/loss")}
+    final |= {"final/parameters": float(logger.parameters), "final/status": float(STATUS_CODES[status])}
+    for tag, v in final.items():
+        if isinstance(v, float):
+            writer.add_scalar(tag, v, step)
+    writer._get_file_writer().add_summary(session_end_summary(status in ("completed", "early_stopped")), step)
+    logger.finalize("success")
 
 
 @contextlib.contextmanager
