@@ -136,8 +136,6 @@ def check_vectorize(cfg: Config) -> None:
         raise no(f"trainer.precision={t.precision}", "is only stacked in 32-bit", "set 32")
     if cfg.data.augment:
         raise no("data.augment", "draws crops per run", "set false")
-    if cfg.logging.grad_norm_every_n_steps > 0:
-        raise no("logging.grad_norm_every_n_steps", "(the gradient-flow monitor) watches one model", "set 0")
     if cfg.checkpoint.enabled and cfg.early_stopping.restore_best:
         raise no(
             "checkpoint.enabled with early_stopping.restore_best",
@@ -618,8 +616,16 @@ def _fit_stacked(
     cfgs = [m.cfg for m in members]
     module = StackedClassifier(cfgs, models, gens)
     limit_val = None if isinstance(t.limit_val_batches, float) and t.limit_val_batches == 1.0 else t.limit_val_batches
+    writers = (
+        [_tensorboard(m, model, threads) for m, model in zip(members, models, strict=True)]
+        if cfg.logging.tensorboard
+        else []
+    )
+    module.writers = writers
+    callbacks = [MemberMonitors(members, models, writers)] if cfg.logging.grad_norm_every_n_steps > 0 else []
     with _quiet(quiet):
         trainer = L.Trainer(
+            callbacks=callbacks,
             accelerator=t.accelerator,
             devices=1,
             precision=t.lightning_precision,
@@ -654,8 +660,6 @@ def _fit_stacked(
 
     module.stop_check = check
     module.steps_per_epoch = max(len(train_loader), 1)
-    if cfg.logging.tensorboard:
-        module.writers = [_tensorboard(m, model, threads) for m, model in zip(members, models, strict=True)]
     status, error, signum = "completed", None, None
     try:
         with _quiet(quiet):
@@ -691,6 +695,64 @@ def _fit_stacked(
             _save_member(m, model, trainer, threads)
         results.append(RunResult(m.run_dir, st, metrics, error=err, signum=signum, model=model))
     return results
+
+
+class _TrainerOf:
+    """The Trainer as one member's GradientFlowMonitor sees it: the member's own logger, else the real one."""
+
+    def __init__(self, trainer: L.Trainer, logger: Any) -> None:
+        self._trainer, self.loggers = trainer, [logger] if logger is not None else []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trainer, name)
+
+
+class _ModuleOf:
+    """The LightningModule as the monitor sees it: `.model` is the watched net, `.hparams` titles its figure."""
+
+    def __init__(self, model: nn.Module, cfg: Config) -> None:
+        self.model, self.hparams = model, cfg.to_dict()
+
+
+class MemberMonitors(L.Callback):
+    """A standalone run's GradientFlowMonitor for every member, each on its own net, logger and run directory.
+
+    The members' parameters are their own leaf tensors, so at `on_before_optimizer_step` each holds its
+    standalone gradient: the monitor's hooks run unchanged on a view of the trainer and module per member.
+    """
+
+    def __init__(self, members: Sequence[Member], models: Sequence[nn.Module], writers: Sequence[Any]) -> None:
+        from deepnets.monitor import GradientFlowMonitor
+
+        self.watch = [
+            (GradientFlowMonitor(m.cfg.logging, m.run_dir), _ModuleOf(model, m.cfg), w)
+            for m, model, w in zip(members, models, list(writers) or [None] * len(members), strict=True)
+        ]
+
+    def _each(self, hook: str, trainer: L.Trainer, *args: Any) -> None:
+        for monitor, module, writer in self.watch:
+            getattr(monitor, hook)(_TrainerOf(trainer, writer), module, *args)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._each("setup", trainer, stage)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._each("on_train_start", trainer)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self._each("on_before_optimizer_step", trainer, optimizer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._each("on_train_batch_end", trainer, *args)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._each("on_train_epoch_end", trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._each("on_train_end", trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._each("on_exception", trainer, exception)
 
 
 def _tensorboard(m: Member, model: nn.Module, threads: int) -> Any:

@@ -152,7 +152,6 @@ def test_a_diverging_member_stops_alone(tmp_path: Path) -> None:
         ("model.arch=resmlp", "model.arch=resmlp"),
         ("optim.grad_clip_norm=1.0", "optim.grad_clip_norm"),
         ("sweep.workers=2", "sweep.workers=2"),
-        ("logging.grad_norm_every_n_steps=5", "logging.grad_norm_every_n_steps"),
         ("early_stopping.enabled=true", "early_stopping.enabled"),
         ("scheduler.name=plateau", "scheduler.name=plateau"),
         ("checkpoint.enabled=true", "early_stopping.restore_best"),
@@ -242,19 +241,23 @@ def _scalars(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], list[st
     ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
     ea.Reload()
     scalars = {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
-    return scalars, sorted(ea.Tags()["tensors"])
+    return scalars, sorted(ea.Tags()["tensors"] + ea.Tags()["images"])
 
 
 def test_member_tensorboard_run_is_the_standalone_one(tmp_path: Path) -> None:
-    """Every scalar tag (step losses, epoch metrics, lr per param group, final/...) at the same steps with the
-    same values, the same hparams-plugin summaries, and hparams.yaml."""
+    """Every scalar tag (step losses, epoch metrics, lr per param group, the gradient-flow monitor's norms,
+    final/...) at the same steps with the same values, the same hparams-plugin summaries and images,
+    gradient_flow.png and hparams.yaml."""
     extra = ["logging.tensorboard=true", "trainer.log_every_n_steps=3", "optim.l1=1e-4", "scheduler.name=cosine"]
+    extra += ["logging.grad_norm_every_n_steps=2"]
     cfgs = [_cfg(tmp_path, s, *extra) for s in (0, 1)]
     alone = train(cfgs[0])
     member = train_stacked(cfgs)[0]
     (a, a_tensors), (b, b_tensors) = _scalars(alone.run_dir), _scalars(member.run_dir)
     assert sorted(a) == sorted(b) and a_tensors == b_tensors
     assert {"train/loss_step", "train/l1", "lr-SGD/pg1", "val/acc", "test/loss", "final/status"} <= set(a)
+    assert {"grad_norm/global", "grad_norm/first_over_last"} <= set(a) and "gradient_flow/figure" in a_tensors
+    assert (member.run_dir / "gradient_flow.png").stat().st_size > 1000
     for tag in a:
         assert [s for s, _ in b[tag]] == [s for s, _ in a[tag]], tag
         assert [v for _, v in b[tag]] == pytest.approx([v for _, v in a[tag]], rel=1e-5), tag
