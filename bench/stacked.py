@@ -153,6 +153,7 @@ def main() -> int:
     times: dict[str, list[float]] = {"plain": [], "stacked": []}
     loads: list[float] = []
     problems: list[str] = []
+    gaps: list[float] = []
     with tempfile.TemporaryDirectory(prefix="stacked_") as tmp:
         for r in range(rounds):
             tables = {}
@@ -165,6 +166,16 @@ def main() -> int:
                 tables[kind] = rows
                 print(f"round {r + 1}: {kind:7s}: {seconds:7.1f} s ({len(rows)} runs; load {load:.2f})", flush=True)
             problems += [f"round {r + 1}: {x}" for x in compare(tables["plain"], tables["stacked"])]
+            gap = max(
+                abs(float(a["test/error"]) - float(b["test/error"])) for a, b in zip(*tables.values(), strict=True)
+            )
+            same = sum(a["test/error"] == b["test/error"] for a, b in zip(*tables.values(), strict=True))
+            gaps.append(gap)
+            print(
+                f"round {r + 1}: test/error of the same run, plain vs stacked: {same}/{len(tables['plain'])} "
+                f"identical, largest difference {gap:.4f}",
+                flush=True,
+            )
     ratios = [a / b for a, b in zip(times["plain"], times["stacked"], strict=True)]
     speedup = statistics.median(ratios)
     print(
@@ -180,6 +191,7 @@ def main() -> int:
             "speedup": speedup,
             "load_1min": loads,
             "tables_agree": not problems,
+            "largest_run_test_error_difference": gaps,
             "differences": problems,
         }
         args.json.write_text(json.dumps(result, indent=2) + "\n")
