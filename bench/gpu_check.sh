@@ -2,7 +2,8 @@
 # One-GPU check of deepnets: ResNet-18 images/s (fp32, bf16-mixed, + channels_last,
 # + torch.compile), MLP steps/s and a host-sync check, printed as one table.
 # Under 5 minutes on one H100, then the autodiff experiment's cheap-gradient rows on the GPU (--quick,
-# at most 2 min). Run from anywhere: `bash bench/gpu_check.sh [--cpu-smoke]`.
+# at most 2 min), and the stacked-sweep row (bench/stacked.py --gpu-row, at most 3 min).
+# Run from anywhere: `bash bench/gpu_check.sh [--cpu-smoke]`.
 # Writes $OUT/gpu_check.json when OUT is set. Without a GPU it says so and exits 0.
 # Environment: PYTHON (interpreter to use), GPU_CHECK_BUDGET_S (default 270).
 set -uo pipefail
@@ -37,6 +38,10 @@ if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
   echo "gpu_check: autodiff --quick --device cuda (cheap-gradient rows on the GPU)"
   timeout --signal=INT --kill-after=10 120 "$PY" -m deepnets.experiments autodiff --quick --device cuda \
     --out "${OUT:-$(mktemp -d /tmp/deepnets_gpu_autodiff.XXXXXX)}" || rc=$?
+  # stacked sweeps (issue 20): members/s of 64 stacked 2x64 MLPs against 64 sequential runs
+  echo "gpu_check: stacked row (bench/stacked.py --gpu-row)"
+  timeout --signal=INT --kill-after=10 180 "$PY" bench/stacked.py --gpu-row \
+    ${OUT:+--json "$OUT/stacked_gpu.json"} || rc=$?
 fi
 # Exact metrics on the GPU (issue 15): a short digits run through train() at precision 32 and bf16-mixed,
 # val/test loss and accuracy from callback_metrics, metrics.json and --evaluate against the model applied by

@@ -351,6 +351,7 @@ class SweepConfig:
         None, "Optuna storage: null = SQLite in the sweep dir; an SQLAlchemy URL or a journal file path (shared)"
     )
     prune: Literal["none", "median"] = _f("none", "median: Optuna's MedianPruner on the metric's val counterpart")
+    vectorize: bool = _f(False, "train the points (mlp) together as one stacked model in one run (deepnets/stacked.py)")
 
 
 @dataclass

@@ -205,6 +205,10 @@ def check_sweep(cfg: Config) -> dict[str, list[Any] | Range]:
     if cfg.trainer.fast_dev_run:
         raise UserError("trainer.fast_dev_run: writes no run directory; a sweep records every run's directory")
     parse_storage(s.storage)
+    if s.vectorize:  # refused now, one line naming the key, before anything is written (imports Lightning)
+        from deepnets.stacked import check_vectorize
+
+        check_vectorize(cfg)
 
     base = cfg.to_dict()
     base["sweep"] = {}
@@ -905,6 +909,10 @@ def work(sw: Sweep, flag: StopFlag, tag: str | None = None, slot: tuple[int, int
     from optuna.storages import fail_stale_trials
 
     tag = tag or _worker_id()
+    if sw.cfg.sweep.vectorize:  # the points trained together as stacked models (deepnets/stacked.py)
+        from deepnets.stacked import work_stacked
+
+        return work_stacked(sw, flag, tag)
     ok = True
     while flag.signum is None:
         fail_stale_trials(sw.study)  # a dead worker's trial (no heartbeat): failed, enqueued once more

@@ -16,6 +16,9 @@ weight decay (`configs/double_descent_ridge.yaml`) and the peak flattens
 
     python -m deepnets.experiments double_descent [--ridge] [--quick] [--seeds 0,1,2]
 
+Every sweep runs with `sweep.vectorize: true` (its points trained together as one stacked model, exactly as
+one by one; pass `sweep.vectorize=false` to run them one by one).
+
 The threshold is marked where it is measured: the smallest width whose mean
 training error is at most `--interp-tol` (1%). The rule of thumb
 parameters = n x classes is exact for random features with a trained linear
@@ -113,7 +116,9 @@ def summarise(rows: Sequence[dict[str, Any]], label: str) -> Curve:
 def run_config(
     config: str, overrides: Sequence[str], out: Path, seeds: list[int] | None
 ) -> tuple[Config, list[dict[str, Any]], bool]:
-    cfg = load_config(config, [*overrides, f"output_dir={out}"])
+    # stacked: the 12 widths x 3 seeds train as one stacked model (deepnets/stacked.py; bench/stacked.py
+    # measures it against one run per point); `sweep.vectorize=false` on the command line runs them one by one
+    cfg = load_config(config, ["sweep.vectorize=true", *overrides, f"output_dir={out}"])
     if list(cfg.sweep.params) != [WIDTH_KEY]:
         raise UserError(f"{config}: sweep.params must sweep {WIDTH_KEY} alone, got {list(cfg.sweep.params)}")
     if seeds is not None:

@@ -1,0 +1,262 @@
+"""Stacked sweeps (issue 20): members trained together equal the same points trained alone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepnets.config import Config, load_config
+from deepnets.errors import UserError
+from deepnets.run import train
+from deepnets.stacked import StackedClassifier, check_vectorize, run_key, train_stacked
+
+from .conftest import run_cli
+
+# 300 synthetic samples: 60 test, 48 val, 192 train = 3 x 50 + 42 (an uneven last batch), eval in one batch of 200
+BASE = [
+    "model.arch=mlp",
+    "model.depth=2",
+    "model.width=16",
+    "data.name=synthetic",
+    "data.input_shape=[8]",
+    "data.num_classes=3",
+    "data.num_samples=300",
+    "data.batch_size=50",
+    "data.val_fraction=0.2",
+    "data.test_fraction=0.2",
+    "optim.name=sgd",
+    "optim.lr=0.05",
+    "trainer.max_epochs=2",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.progress_bar=false",
+    "checkpoint.enabled=false",
+    "logging.tensorboard=false",
+    "logging.grad_norm_every_n_steps=0",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(tmp_path: Path, seed: int, *overrides: str) -> Config:
+    return load_config(None, [*BASE, f"name=m{seed}", f"seed={seed}", f"output_dir={tmp_path / 'runs'}", *overrides])
+
+
+def test_cpu_dropout_mask_is_bernoulli_of_the_global_generator() -> None:
+    """The identity the stacked dropout relies on (torch's CPU F.dropout: x * bernoulli_(1 - p) / (1 - p))."""
+    x = torch.randn(7, 13)
+    torch.manual_seed(3)
+    a = F.dropout(x, 0.3, training=True)
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(a, x * torch.empty_like(x).bernoulli_(0.7, generator=g).div_(0.7))
+
+
+CASES = {
+    "sgd_momentum": [[], ["optim.lr=0.1", "optim.weight_decay=1e-3", "optim.momentum=0.5"]],
+    "sgd_nesterov_step": [
+        ["optim.nesterov=true", "scheduler.name=step", "scheduler.step_size=1"],
+        ["optim.momentum=0", "scheduler.name=step", "scheduler.step_size=1"],
+    ],
+    "adam": [["optim.name=adam", "optim.lr=0.01"], ["optim.name=adam", "optim.lr=0.003", "optim.weight_decay=0.01"]],
+    "adamw_bn_dropout": [
+        ["optim.name=adamw", "model.batch_norm=true", "model.dropout=0.3", "optim.betas=[0.8, 0.99]"],
+        ["optim.name=adamw", "model.batch_norm=true", "optim.weight_decay=0.1"],
+    ],
+    "widths_cosine_dropout_l1": [
+        ["model.width=8", "scheduler.name=cosine", "scheduler.warmup_steps=2"],
+        ["model.width=24", "scheduler.name=cosine", "scheduler.warmup_steps=2", "model.dropout=0.2", "optim.l1=1e-4"],
+        ["model.width=24", "scheduler.name=cosine", "scheduler.warmup_steps=2", "data.label_noise=0.2"],
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_members_equal_their_standalone_runs(tmp_path: Path, case: str) -> None:
+    cfgs = [_cfg(tmp_path, i, *o) for i, o in enumerate(CASES[case])]
+    assert len({run_key(c) for c in cfgs}) == 1
+    alone = [train(c) for c in cfgs]
+    stacked = train_stacked(cfgs)
+    for a, s in zip(alone, stacked, strict=True):
+        assert a.status == s.status == "completed"
+        wa, ws = a.model.state_dict(), s.model.state_dict()
+        assert wa.keys() == ws.keys()
+        for k in wa:
+            torch.testing.assert_close(ws[k], wa[k], rtol=1e-5, atol=1e-6, msg=f"{case} {k}")
+        assert sorted(s.metrics) == sorted(a.metrics) == [
+            "test/acc", "test/loss", "train/acc", "train/loss", "val/acc", "val/loss"
+        ]  # fmt: skip
+        for k in a.metrics:
+            assert s.metrics[k] == pytest.approx(a.metrics[k], rel=1e-5), k
+        info = json.loads((s.run_dir / "metrics.json").read_text())
+        assert info["status"] == "completed" and info["steps"] == 2 * 4 and info["epochs"] == 2
+        assert info["metrics"] == s.metrics
+        assert s.run_dir != a.run_dir and (s.run_dir / "config.yaml").is_file()
+
+
+def test_member_metrics_are_its_model_applied_by_hand(tmp_path: Path) -> None:
+    """test/acc and test/loss of each member from its final weights on the test split, in plain PyTorch."""
+    from deepnets.data import InMemoryDataModule
+
+    cfgs = [_cfg(tmp_path, i, f"model.width={w}") for i, w in enumerate([4, 12])]
+    results = train_stacked(cfgs)
+    dm = InMemoryDataModule(cfgs[0].data, 0)
+    dm.setup("fit")
+    x, y = dm.splits.x_test, dm.splits.y_test
+    for r in results:
+        with torch.no_grad():
+            logits = r.model.eval()(x)
+        assert r.metrics["test/acc"] == pytest.approx(float((logits.argmax(1) == y).float().mean()), rel=1e-6)
+        assert r.metrics["test/loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+
+
+def test_member_checkpoint_exports_and_evaluates_to_its_test_metrics(tmp_path: Path) -> None:
+    from deepnets.export import evaluate, export_run
+
+    cfgs = [_cfg(tmp_path, i, "checkpoint.enabled=true", "early_stopping.restore_best=false") for i in range(2)]
+    results = train_stacked(cfgs)
+    for r in results:
+        assert (r.run_dir / "checkpoints" / "last.ckpt").is_file()
+        got = evaluate(export_run(r.run_dir))  # what `--export RUN_DIR` then `--evaluate EXPORT_DIR` print
+        assert got["test/acc"] == pytest.approx(r.metrics["test/acc"], rel=1e-6)
+        assert got["test/loss"] == pytest.approx(r.metrics["test/loss"], rel=1e-5)
+
+
+def test_a_diverging_member_stops_alone(tmp_path: Path) -> None:
+    cfgs = [_cfg(tmp_path, 0), _cfg(tmp_path, 1, "optim.lr=1e30", "optim.momentum=0.99")]
+    ok, bad = train_stacked(cfgs)
+    alone = train(cfgs[0])
+    assert ok.status == "completed" and bad.status == "diverged" and "non-finite" in bad.error
+    for k, v in alone.model.state_dict().items():
+        torch.testing.assert_close(ok.model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    assert json.loads((bad.run_dir / "metrics.json").read_text())["status"] == "diverged"
+
+
+@pytest.mark.parametrize(
+    ("override", "culprit"),
+    [
+        ("model.arch=resmlp", "model.arch=resmlp"),
+        ("optim.grad_clip_norm=1.0", "optim.grad_clip_norm"),
+        ("sweep.workers=2", "sweep.workers=2"),
+        ("early_stopping.enabled=true", "early_stopping.enabled"),
+        ("scheduler.name=plateau", "scheduler.name=plateau"),
+        ("checkpoint.enabled=true", "early_stopping.restore_best"),
+        ("trainer.precision=64", "trainer.precision=64"),
+    ],
+)
+def test_what_cannot_be_stacked_is_refused_naming_the_key(tmp_path: Path, override: str, culprit: str) -> None:
+    with pytest.raises(UserError, match="sweep.vectorize") as e:
+        check_vectorize(_cfg(tmp_path, 0, override))
+    assert culprit in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_refusal_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    proc = run_cli(
+        "--config", "mlp", *BASE, f"output_dir={out}", "sweep.params={model.width: [4, 8]}", "sweep.vectorize=true",
+        "optim.grad_clip_norm=1.0",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: sweep.vectorize: optim.grad_clip_norm"), proc.stderr
+    assert not out.exists()
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+SWEEP = ["sweep.params={model.width: [4, 16]}", "sweep.seeds=[0, 1]", "sweep.metric=test/error"]
+
+
+def test_vectorized_sweep_writes_the_same_table_and_run_dirs(tmp_path: Path) -> None:
+    from deepnets.sweep import sweep
+
+    tables = []
+    for vectorize in ("false", "true"):
+        cfg = load_config(
+            None, [*BASE, "name=sw", f"output_dir={tmp_path / vectorize}", *SWEEP, f"sweep.vectorize={vectorize}"]
+        )
+        res = sweep(cfg, verbose=False)
+        assert res.ok
+        rows = _csv(res.sweep_dir / "results.csv")
+        for r in rows:
+            run_dir = res.sweep_dir / r["run_dir"]
+            assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()
+            assert load_config(str(run_dir / "config.yaml")).model.width == int(r["width"])
+        assert (res.sweep_dir / "sweep.png").stat().st_size > 1000
+        tables.append(rows)
+    plain, stacked = tables
+    assert [(r["width"], r["seed"], r["status"], r["run_dir"]) for r in plain] == [
+        (r["width"], r["seed"], r["status"], r["run_dir"]) for r in stacked
+    ]
+    for a, b in zip(plain, stacked, strict=True):
+        for k in ("test/acc", "test/loss", "train/loss", "val/loss", "params", "steps", "epochs"):
+            assert float(b[k]) == pytest.approx(float(a[k]), rel=1e-5), k
+
+
+def test_interrupted_stacked_sweep_finishes_on_resume(tmp_path: Path, monkeypatch) -> None:
+    from deepnets.sweep import resume, sweep
+
+    real = StackedClassifier.on_train_batch_end
+    calls = []
+
+    def sigterm_at_step_3(self, outputs, batch, batch_idx) -> None:  # a real SIGTERM, in the first run only
+        calls.append(self.trainer.global_step)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real(self, outputs, batch, batch_idx)
+
+    monkeypatch.setattr(StackedClassifier, "on_train_batch_end", sigterm_at_step_3)
+    cfg = load_config(None, [*BASE, "name=sw", f"output_dir={tmp_path}", *SWEEP, "sweep.vectorize=true"])
+    first = sweep(cfg, verbose=False)
+    assert first.signum == signal.SIGTERM and not first.ok
+    assert [r["status"] for r in first.rows] == ["interrupted"] * 4
+    for r in first.rows:
+        info = json.loads((first.sweep_dir / r["run_dir"] / "metrics.json").read_text())
+        assert (info["status"], info["steps"]) == ("interrupted", 3)
+    res = resume(first.sweep_dir, verbose=False)
+    assert res.ok and [r["status"] for r in res.rows] == ["completed"] * 4
+    assert all(int(r["steps"]) == 8 for r in res.rows)
+
+
+def _scalars(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    scalars = {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+    return scalars, sorted(ea.Tags()["tensors"] + ea.Tags()["images"])
+
+
+def test_member_tensorboard_run_is_the_standalone_one(tmp_path: Path) -> None:
+    """Every scalar tag (step losses, epoch metrics, lr per param group, the gradient-flow monitor's norms,
+    final/...) at the same steps with the same values, the same hparams-plugin summaries and images,
+    gradient_flow.png and hparams.yaml."""
+    extra = ["logging.tensorboard=true", "trainer.log_every_n_steps=3", "optim.l1=1e-4", "scheduler.name=cosine"]
+    extra += ["logging.grad_norm_every_n_steps=2"]
+    cfgs = [_cfg(tmp_path, s, *extra) for s in (0, 1)]
+    alone = train(cfgs[0])
+    member = train_stacked(cfgs)[0]
+    (a, a_tensors), (b, b_tensors) = _scalars(alone.run_dir), _scalars(member.run_dir)
+    assert sorted(a) == sorted(b) and a_tensors == b_tensors
+    assert {"train/loss_step", "train/l1", "lr-SGD/pg1", "val/acc", "test/loss", "final/status"} <= set(a)
+    assert {"grad_norm/global", "grad_norm/first_over_last"} <= set(a) and "gradient_flow/figure" in a_tensors
+    assert (member.run_dir / "gradient_flow.png").stat().st_size > 1000
+    for tag in a:
+        assert [s for s, _ in b[tag]] == [s for s, _ in a[tag]], tag
+        assert [v for _, v in b[tag]] == pytest.approx([v for _, v in a[tag]], rel=1e-5), tag
+    assert (member.run_dir / "hparams.yaml").read_text() == (alone.run_dir / "hparams.yaml").read_text()
