@@ -105,6 +105,9 @@ def shape_key(cfg: Config) -> str:
     return json.dumps(_drop(cfg.to_dict()["model"], _FREE_IN_GROUP), sort_keys=True, default=str)
 
 
+_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")  # what _optimizers below builds per member
+
+
 def check_vectorize(cfg: Config) -> None:
     """`sweep.vectorize: true` for this point's config, or one error line naming the key that prevents it."""
 
@@ -114,6 +117,14 @@ def check_vectorize(cfg: Config) -> None:
     m, t, s = cfg.model, cfg.trainer, cfg.sweep
     if m.arch != "mlp" or m.preset is not None:
         raise no(f"model.arch={m.preset or m.arch}", "cannot be stacked (stacked runs are plain mlp nets)", "use mlp")
+    if cfg.task != "classification":
+        raise no(f"task={cfg.task}", "is not stacked (stacked members train with cross-entropy)", "use classification")
+    if cfg.optim.name not in _OPTIMIZERS:
+        raise no(
+            f"optim.name={cfg.optim.name}", "is not a built-in optimizer stacked runs reproduce", "use sgd or adam"
+        )
+    if cfg.optim.loss not in ("auto", "cross_entropy"):
+        raise no(f"optim.loss={cfg.optim.loss}", "is not stacked (members train with cross-entropy)", "use auto")
     if s.workers > 1:
         raise no(f"sweep.workers={s.workers}", "splits the points over processes; stacked points train in one", "set 1")
     if s.prune != "none":

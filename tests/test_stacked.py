@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -154,12 +155,20 @@ def test_a_diverging_member_stops_alone(tmp_path: Path) -> None:
         ("scheduler.name=plateau", "scheduler.name=plateau"),
         ("checkpoint.enabled=true", "early_stopping.restore_best"),
         ("trainer.precision=64", "trainer.precision=64"),
+        ("optim.name=NAdam", "optim.name=NAdam"),
     ],
 )
 def test_what_cannot_be_stacked_is_refused_naming_the_key(tmp_path: Path, override: str, culprit: str) -> None:
     with pytest.raises(UserError, match="sweep.vectorize") as e:
         check_vectorize(_cfg(tmp_path, 0, override))
     assert culprit in str(e.value) and "\n" not in str(e.value)
+
+
+def test_regression_is_refused_naming_the_task(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, 0)
+    cfg = dataclasses.replace(cfg, task="regression")
+    with pytest.raises(UserError, match="sweep.vectorize: task=regression"):
+        check_vectorize(cfg)
 
 
 def test_cli_refusal_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
