@@ -156,28 +156,103 @@ class ModelConfig:
     channels_last: bool = _f(False, "conv nets: NHWC memory format (faster with mixed precision on GPU)")
 
 
+def _dataset(value: str, path: str) -> None:
+    """`data.name` must be a key of `deepnets.data.DATASETS`, the table the readers live in."""
+    from deepnets.data import DATASETS  # imported here: the readers need torch, a config check does not otherwise
+
+    if value not in DATASETS:
+        near = difflib.get_close_matches(value, list(DATASETS), n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        raise UserError(f"{path}: {_show(value)} is not a dataset{hint} (allowed: {', '.join(DATASETS)})")
+
+
+def _columns(value: str | list[str], path: str) -> None:
+    names = [value] if isinstance(value, str) else value
+    if not names or any(not n for n in names):
+        raise UserError(f"{path}: {_show(value)} names no column (allowed: a column name or a non-empty list)")
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise UserError(f"{path}: column {_show(dup)} is named twice")
+
+
+USER_DATA = ("csv", "npz", "folder")  # datasets read from data.path (the user's own files)
+
+
 @dataclass
 class DataConfig:
-    name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "synthetic"] = _f(
-        "digits", "dataset; digits is bundled with scikit-learn and needs no download"
+    name: str = _f(
+        "digits",
+        "dataset: digits (bundled with scikit-learn), mnist, fashion_mnist, cifar10, synthetic, "
+        "or your own files: csv, npz, folder (see data.path)",
+        check=_dataset,
     )
     root: str = _f("data", "where mnist/fashion_mnist/cifar10 files live", path=True)
     download: bool = _f(False, "let torchvision download missing files")
+    path: str | None = _f(
+        None, "csv / npz: the file; folder: the image root (ROOT/<class>/*.png|jpg, or ROOT/train/ [+ val/, test/])",
+        path=True,
+    )
+    target: str | list[str] | None = _f(
+        None, "csv: the target column (or a list of columns: several regression targets)", check=_columns
+    )
+    features: list[str] | None = _f(None, "csv: the feature columns (null = every column but the target)",
+                                    check=_columns)
+    x_key: str = _f("x", "npz: the inputs array (N, ...); an array named <x_key>_test is the test split")
+    y_key: str = _f("y", "npz: the targets array (N,) or (N, k); with <y_key>_test for the test split")
+    image_size: list[int] | None = _f(
+        None, "folder: [H, W] every image is resized to (decoded as RGB: grey replicated, alpha dropped)",
+        ge=1, n_items=2,
+    )
     batch_size: int = _f(128, "training batch size (per device)", ge=1)
     eval_batch_size: int | None = _f(None, "val/test batch size (null = 4 x batch_size)", ge=1)
     val_fraction: float = _f(0.1, "share of the training data held out for validation", ge=0, lt=1)
     test_fraction: float = _f(0.2, "share held out for test where the data has no test split", gt=0, lt=1)
     split_seed: int = _f(0, "seed of the train/val/test split (kept apart from `seed` for sweeps)", ge=0, le=SEED_MAX)
     train_size: int | None = _f(None, "use only this many training samples", ge=1)
-    label_noise: float = _f(0.0, "fraction of training labels flipped to another class", ge=0, le=1)
+    label_noise: float = _f(0.0, "classification: fraction of training labels flipped to another class", ge=0, le=1)
     standardize: bool = _f(True, "zero mean, unit std from training statistics (per channel / feature)")
     whiten: Literal["none", "zca"] = _f("none", "ZCA whitening estimated on the training split")
     whiten_eps: float = _f(0.01, "ZCA epsilon added to the eigenvalues", gt=0)
-    augment: bool = _f(False, "cifar10: random crop (pad 4) + horizontal flip, per batch on device")
+    augment: bool = _f(False, "images (cifar10, folder, npz of N x C x H x W): random crop (pad 4) + h-flip per batch")
     # synthetic data
     input_shape: list[int] = _f([32], "synthetic: shape of one sample, e.g. [3, 32, 32]", ge=1, min_items=1)
     num_classes: int = _f(10, "synthetic: number of classes", ge=2)
     num_samples: int = _f(1024, "synthetic: samples in total (before splits)", ge=2)
+
+
+def check_data_keys(d: DataConfig, task: str) -> None:
+    """The data keys that go together, checked when the config loads (the files are checked by
+    `deepnets.data.check_data_files` before a run starts: a run's config.yaml must load where its data is gone)."""
+    if d.name in USER_DATA and d.path is None:
+        what = {"csv": "a .csv file", "npz": "an .npz file", "folder": "an image folder"}[d.name]
+        raise UserError(f"data.path: data.name={d.name} reads {what}; set data.path")
+    if d.name != "csv":
+        for key in ("target", "features"):
+            if getattr(d, key) is not None:
+                raise UserError(f"data.{key}: only for data.name=csv (data.name={d.name})")
+    elif d.target is None:
+        raise UserError("data.target: data.name=csv needs the target column's name")
+    elif d.features is not None:
+        targets = [d.target] if isinstance(d.target, str) else d.target
+        both = next((c for c in d.features if c in targets), None)
+        if both is not None:
+            raise UserError(f"data.features: {_show(both)} is also data.target")
+    if d.name == "folder" and d.image_size is None:
+        raise UserError("data.image_size: data.name=folder needs [H, W] to resize every image to")
+    if d.name != "folder" and d.image_size is not None:
+        raise UserError(f"data.image_size: only for data.name=folder (data.name={d.name})")
+    if d.name == "npz" and d.x_key == d.y_key:
+        raise UserError(f"data.y_key: {_show(d.y_key)} is also data.x_key")
+    if task == "regression":
+        if d.label_noise > 0:
+            raise UserError(f"data.label_noise={d.label_noise}: flips class labels; task=regression has none")
+        if d.name == "folder":
+            raise UserError("task: regression needs numeric targets; data.name=folder gives class labels")
+        if d.name not in ("csv", "npz"):
+            raise UserError(f"task: regression needs numeric targets; data.name={d.name} is a classification "
+                            "dataset (use csv or npz)")
+    elif isinstance(d.target, list) and len(d.target) > 1:
+        raise UserError(f"data.target: {len(d.target)} columns are regression targets; set task=regression")
 
 
 @dataclass
@@ -313,6 +388,7 @@ class SweepConfig:
 class Config:
     name: str = _f("run", "run name: runs go to <output_dir>/<name>/version_<n>/", check=_run_name)
     seed: int = _f(0, "seed for weights, data order and dropout", ge=0, le=SEED_MAX)
+    task: Literal["classification", "regression"] = _f("classification", "what the model predicts")
     output_dir: str = _f("runs", "root of all run directories", path=True)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -861,6 +937,7 @@ def _check_monitor(cfg: Config, key: str, metric: str, mode: str) -> None:
 def validate(cfg: Config) -> None:
     """Checks that span several keys; each error names the key to change."""
     t, s = cfg.trainer, cfg.scheduler
+    check_data_keys(cfg.data, cfg.task)
     if s.name == "plateau":
         if s.warmup_steps:
             raise UserError("scheduler.warmup_steps: not supported with scheduler.name=plateau")
@@ -964,7 +1041,10 @@ def check_runtime(cfg: Config) -> None:
 
     import lightning as L
 
+    from deepnets.data import check_data_files
+
     t = cfg.trainer
+    check_data_files(cfg.data)  # the user's data files exist and are of their kind, before anything is written
     check_devices(t, visible_devices(ask_bf16=t.precision == "bf16-mixed"))
     quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
     levels = [q.level for q in quiet]

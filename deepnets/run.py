@@ -767,9 +767,9 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
             origin = resolve_resume(cfg, resume)
             if not cfg.trainer.fast_dev_run and origin.run_dir is None:
                 check_writable(cfg.output_dir)  # fail before reading data; the directory comes later
-            data = InMemoryDataModule(cfg.data, cfg.seed)
+            data = InMemoryDataModule(cfg.data, cfg.seed, task=cfg.task)
             data.setup("fit")  # read files now: missing or corrupt data fails before a model is built
-            model = build_model(cfg.model, data.input_shape, data.num_classes)
+            model = build_model(cfg.model, data.input_shape, data.num_outputs)
             if cfg.trainer.compile:
                 model.compile()  # in place: state_dict keys stay those of the plain model
         except Interrupted as e:  # nothing was written yet
