@@ -189,19 +189,23 @@ class DataConfig:
     root: str = _f("data", "where mnist/fashion_mnist/cifar10 files live", path=True)
     download: bool = _f(False, "let torchvision download missing files")
     path: str | None = _f(
-        None, "csv / npz: the file; folder: the image root (ROOT/<class>/*.png|jpg, or ROOT/train/ [+ val/, test/])",
+        None,
+        "csv / npz: the file; folder: the image root (ROOT/<class>/*.png|jpg, or ROOT/train/ [+ val/, test/])",
         path=True,
     )
     target: str | list[str] | None = _f(
         None, "csv: the target column (or a list of columns: several regression targets)", check=_columns
     )
-    features: list[str] | None = _f(None, "csv: the feature columns (null = every column but the target)",
-                                    check=_columns)
+    features: list[str] | None = _f(
+        None, "csv: the feature columns (null = every column but the target)", check=_columns
+    )
     x_key: str = _f("x", "npz: the inputs array (N, ...); an array named <x_key>_test is the test split")
     y_key: str = _f("y", "npz: the targets array (N,) or (N, k); with <y_key>_test for the test split")
     image_size: list[int] | None = _f(
-        None, "folder: [H, W] every image is resized to (decoded as RGB: grey replicated, alpha dropped)",
-        ge=1, n_items=2,
+        None,
+        "folder: [H, W] every image is resized to (decoded as RGB: grey replicated, alpha dropped)",
+        ge=1,
+        n_items=2,
     )
     batch_size: int = _f(128, "training batch size (per device)", ge=1)
     eval_batch_size: int | None = _f(None, "val/test batch size (null = 4 x batch_size)", ge=1)
@@ -249,8 +253,10 @@ def check_data_keys(d: DataConfig, task: str) -> None:
         if d.name == "folder":
             raise UserError("task: regression needs numeric targets; data.name=folder gives class labels")
         if d.name not in ("csv", "npz"):
-            raise UserError(f"task: regression needs numeric targets; data.name={d.name} is a classification "
-                            "dataset (use csv or npz)")
+            raise UserError(
+                f"task: regression needs numeric targets; data.name={d.name} is a classification "
+                "dataset (use csv or npz)"
+            )
     elif isinstance(d.target, list) and len(d.target) > 1:
         raise UserError(f"data.target: {len(d.target)} columns are regression targets; set task=regression")
 
