@@ -284,8 +284,9 @@ def read_npz(path: str, x_key: str, y_key: str, task: str) -> Source:
         if any(has) and not all(has):
             given, absent = (tx, ty) if has[0] else (ty, tx)
             raise UserError(f"{p}: has {given!r} but no {absent!r}; a test split needs both")
-        test = (npz_inputs(npz_array(npz, tx, p, "data.x_key"), p, tx), npz_array(npz, ty, p, "data.y_key"))
-        test = test if all(has) else None
+        test = None
+        if all(has):
+            test = (npz_inputs(npz_array(npz, tx, p, "data.x_key"), p, tx), npz_array(npz, ty, p, "data.y_key"))
     if len(x) != len(y_raw):
         raise UserError(f"{p}: {len(x)} samples in {x_key!r} but {len(y_raw)} in {y_key!r}")
     if test is not None:
