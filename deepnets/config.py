@@ -230,21 +230,16 @@ def check_data_keys(d: DataConfig, task: str) -> None:
     if d.name in USER_DATA and d.path is None:
         what = {"csv": "a .csv file", "npz": "an .npz file", "folder": "an image folder"}[d.name]
         raise UserError(f"data.path: data.name={d.name} reads {what}; set data.path")
-    if d.name != "csv":
-        for key in ("target", "features"):
-            if getattr(d, key) is not None:
-                raise UserError(f"data.{key}: only for data.name=csv (data.name={d.name})")
-    elif d.target is None:
+    # (keys of another kind of data are ignored, as data.num_classes is: an override of data.name keeps them)
+    if d.name == "csv" and d.target is None:
         raise UserError("data.target: data.name=csv needs the target column's name")
-    elif d.features is not None:
+    if d.name == "csv" and d.features is not None:
         targets = [d.target] if isinstance(d.target, str) else d.target
         both = next((c for c in d.features if c in targets), None)
         if both is not None:
             raise UserError(f"data.features: {_show(both)} is also data.target")
     if d.name == "folder" and d.image_size is None:
         raise UserError("data.image_size: data.name=folder needs [H, W] to resize every image to")
-    if d.name != "folder" and d.image_size is not None:
-        raise UserError(f"data.image_size: only for data.name=folder (data.name={d.name})")
     if d.name == "npz" and d.x_key == d.y_key:
         raise UserError(f"data.y_key: {_show(d.y_key)} is also data.x_key")
     if task == "regression":
@@ -257,7 +252,7 @@ def check_data_keys(d: DataConfig, task: str) -> None:
                 f"task: regression needs numeric targets; data.name={d.name} is a classification "
                 "dataset (use csv or npz)"
             )
-    elif isinstance(d.target, list) and len(d.target) > 1:
+    elif d.name == "csv" and isinstance(d.target, list) and len(d.target) > 1:
         raise UserError(f"data.target: {len(d.target)} columns are regression targets; set task=regression")
 
 
