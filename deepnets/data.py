@@ -503,7 +503,10 @@ DATASETS: dict[str, Dataset] = {
     "cifar10": Dataset(_builtin, _builtin_spec),
     "synthetic": Dataset(_builtin, _builtin_spec),
     "csv": Dataset(lambda c, t: userdata.read_csv(_must(c.path), _must(c.target), c.features, t), _csv_spec),
-    "npz": Dataset(lambda c, t: userdata.read_npz(_must(c.path), c.x_key, c.y_key, t), lambda c, t: None),
+    "npz": Dataset(
+        lambda c, t: userdata.read_npz(_must(c.path), c.x_key, c.y_key, t),
+        lambda c, t: userdata.npz_spec(_must(c.path), c.x_key, c.y_key, t),
+    ),
     "folder": Dataset(lambda c, t: userdata.read_folder(_must(c.path), _must(c.image_size)), _folder_spec),
 }
 

@@ -312,17 +312,33 @@ def read_npz(path: str, x_key: str, y_key: str, task: str) -> Source:
     return Source(x, y, x_test=test[0], y_test=apply_classes(test_labels, classes, f"{p}: {ty!r}"), classes=classes)
 
 
-def npz_spec(path: str, x_key: str) -> tuple[int, ...]:
-    """The shape of one sample of `x_key`, read from the .npy header inside the zip (no data read)."""
+def npz_spec(path: str, x_key: str, y_key: str, task: str) -> tuple[tuple[int, ...], int] | None:
+    """(sample shape, outputs) of an .npz without reading its inputs: the shapes from the .npy headers, the
+    class count from the labels alone. None where the file does not tell (the full read names the problem)."""
+    shape, y_shape = _npy_shape(path, x_key), _npy_shape(path, y_key)
+    if len(shape) < 2 or not y_shape:
+        return None
+    if task == "regression":
+        return shape[1:], 1 if len(y_shape) == 1 else y_shape[1]
     try:
-        with zipfile.ZipFile(path) as z, z.open(f"{x_key}.npy") as f:
+        with open_npz(path) as npz:
+            labels = [npz[k] for k in (y_key, f"{y_key}_test") if k in npz.files]
+        return shape[1:], len({str(v) for a in labels for v in a.tolist()})
+    except (UserError, ValueError, OSError, zipfile.BadZipFile):
+        return None
+
+
+def _npy_shape(path: str, key: str) -> tuple[int, ...]:
+    """The shape of array `key`, read from the .npy header inside the zip (no data read); () if unreadable."""
+    try:
+        with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
             version = np.lib.format.read_magic(f)
             fmt = np.lib.format
             read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
             shape = read(f)[0]
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):  # the full read names the problem
         return ()
-    return tuple(int(s) for s in shape[1:])
+    return tuple(int(s) for s in shape)
 
 
 # ---------------------------------------------------------------- image folders
