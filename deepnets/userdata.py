@@ -401,10 +401,11 @@ def _resize(img: Tensor, size: tuple[int, int]) -> Tensor:
 def decode_images(files: Sequence[Path], image_size: Sequence[int], channels: int = CHANNELS) -> Tensor:
     """Decode every file to RGB (or grey for channels=1), resized to image_size: uint8 (N, C, H, W).
 
-    JPEGs go through torchvision's batched `decode_jpeg(list)` (DECODE_CHUNK files per call: one call
-    into libjpeg-turbo's loop instead of one Python round trip per image; measured ~1.7x faster than
-    `decode_image` per file, and faster than a thread pool over either, whose GIL hand-offs cost more
-    than they win on 32x32 images: bench/decode_folder.py). PNGs are decoded one by one.
+    JPEGs go through torchvision's batched `decode_jpeg(list)` (DECODE_CHUNK files per call: one call into
+    libjpeg-turbo's loop instead of a Python round trip per image), on one thread; PNGs one by one. On this
+    2-core machine at load ~1 that was 1.7x faster than `decode_image` per file on 10,000 CIFAR JPEGs, and
+    1.5x faster than 2 threads over batched chunks; at load ~9 (other jobs) the order reversed (2 threads
+    1.5x faster, bench/decode_folder.py). Which wins on a quiet machine is still to be measured there.
     """
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
