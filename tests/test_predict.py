@@ -24,6 +24,21 @@ from tests.conftest import run_cli
 from tests.test_userdata import TINY_MODEL, write_csv, write_folder
 
 
+class _Done:
+    def __init__(self, returncode: int, out: str, err: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, out, err
+
+
+def cli(capsys, *args: str) -> _Done:
+    """`deepnets ARGS` in this process (the same main() as the console script; one test runs a real subprocess)."""
+    from deepnets.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return _Done(code, out, err)
+
+
 def _rows(text: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text)))
 
@@ -91,14 +106,14 @@ def test_evaluate_of_a_csv_export_is_the_runs_test_metrics(csv_run) -> None:
     assert math.isclose(got["test/loss"], metrics["test/loss"], rel_tol=1e-5)
 
 
-def test_output_file_is_written_once_and_never_overwritten(csv_run) -> None:
+def test_output_file_is_written_once_and_never_overwritten(csv_run, capsys) -> None:
     run, tmp = csv_run
     out = tmp / "preds.csv"
-    r = run_cli("--predict", str(run), "--input", str(tmp / "train.csv"), "--output", str(out))
+    r = cli(capsys, "--predict", str(run), "--input", str(tmp / "train.csv"), "--output", str(out))
     assert r.returncode == 0 and r.stdout == "" and "predictions:" in r.stderr
     assert len(_rows(out.read_text())) == 90
     before = out.read_bytes()
-    r = run_cli("--predict", str(run), "--input", str(tmp / "train.csv"), "--output", str(out))
+    r = cli(capsys, "--predict", str(run), "--input", str(tmp / "train.csv"), "--output", str(out))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"error: --output {out} exists; predict never overwrites a file (remove it or choose another)"
@@ -126,11 +141,11 @@ def test_output_file_is_written_once_and_never_overwritten(csv_run) -> None:
         (lambda t: _write(t / "x.txt", "1"), "--input {p}: give a .csv file, an .npz file or a folder of images"),
     ],
 )
-def test_bad_inputs_are_one_line_exit_2_nothing_written(csv_run, make, message: str) -> None:
+def test_bad_inputs_are_one_line_exit_2_nothing_written(csv_run, capsys, make, message: str) -> None:
     run, tmp = csv_run
     p = make(tmp)
     out = tmp / f"never_{p.name}.csv"
-    r = run_cli("--predict", str(run), "--input", str(p), "--output", str(out))
+    r = cli(capsys, "--predict", str(run), "--input", str(p), "--output", str(out))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {message.format(p=p)}"]
     assert not out.exists()
@@ -146,10 +161,10 @@ def _npz(path: Path, x: np.ndarray) -> Path:
     return path
 
 
-def test_predict_usage_errors() -> None:
-    r = run_cli("--input", "x.csv")
+def test_predict_usage_errors(capsys) -> None:
+    r = cli(capsys, "--input", "x.csv")
     assert r.returncode == 2 and r.stderr.strip() == "error: --input / --output go with --predict RUN_DIR|EXPORT_DIR"
-    r = run_cli("--predict", "/nonexistent_run")
+    r = cli(capsys, "--predict", "/nonexistent_run")
     assert r.returncode == 2 and r.stderr.strip() == "error: --predict needs --input FILE.csv|FILE.npz|FOLDER"
 
 
