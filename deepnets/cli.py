@@ -49,6 +49,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--study", metavar="NAME", help="with --sweep-worker STORAGE_URL: the sweep's study name")
     p.add_argument("--export", metavar="RUN_DIR", help="write RUN_DIR/export/{model.safetensors,config.yaml} and exit")
     p.add_argument("--evaluate", metavar="EXPORT_DIR", help="test an exported model (no pickle involved) and exit")
+    p.add_argument(
+        "--predict", metavar="RUN_DIR|EXPORT_DIR", help="apply a trained model to --input; CSV to stdout or --output"
+    )
+    p.add_argument("--input", metavar="FILE.csv|FILE.npz|FOLDER", help="with --predict: the inputs")
+    p.add_argument("--output", metavar="FILE.csv", help="with --predict: write here (never overwrites a file)")
     return p
 
 
@@ -76,10 +81,17 @@ def _main(args: argparse.Namespace) -> int:
         return _list_configs(args)
     from deepnets.config import SweepConfig, load_config, to_yaml
 
-    for flag in ("resume", "export", "evaluate"):  # `--resume=~/x` reaches us unexpanded by the shell
+    for flag in ("resume", "export", "evaluate", "predict", "input", "output"):  # `--x=~/y`: unexpanded by the shell
         value = getattr(args, flag)
         if value and value != "last":
             setattr(args, flag, os.path.expanduser(value))
+
+    if args.predict or args.input or args.output:
+        from deepnets.predict import main as predict_main
+
+        if not args.predict:
+            raise UserError("--input / --output go with --predict RUN_DIR|EXPORT_DIR")
+        return predict_main(args.predict, args.input, args.output)
 
     if args.export or args.evaluate:
         from deepnets.export import evaluate, export_run

@@ -186,24 +186,68 @@ class ModelConfig:
             check_model_config(self)
 
 
+def _dataset(value: str, path: str) -> None:
+    """`data.name` must be a key of `deepnets.data.DATASETS`, the table the readers live in."""
+    from deepnets.data import DATASETS  # imported here: the readers need torch, a config check does not otherwise
+
+    if value not in DATASETS:
+        near = difflib.get_close_matches(value, list(DATASETS), n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        raise UserError(f"{path}: {_show(value)} is not a dataset{hint} (allowed: {', '.join(DATASETS)})")
+
+
+def _columns(value: str | list[str], path: str) -> None:
+    names = [value] if isinstance(value, str) else value
+    if not names or any(not n for n in names):
+        raise UserError(f"{path}: {_show(value)} names no column (allowed: a column name or a non-empty list)")
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise UserError(f"{path}: column {_show(dup)} is named twice")
+
+
+USER_DATA = ("csv", "npz", "folder")  # datasets read from data.path (the user's own files)
+
+
 @dataclass
 class DataConfig:
-    name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "synthetic"] = _f(
-        "digits", "dataset; digits is bundled with scikit-learn and needs no download"
+    name: str = _f(
+        "digits",
+        "dataset: digits (bundled with scikit-learn), mnist, fashion_mnist, cifar10, synthetic, "
+        "or your own files: csv, npz, folder (see data.path)",
+        check=_dataset,
     )
     root: str = _f("data", "where mnist/fashion_mnist/cifar10 files live", path=True)
     download: bool = _f(False, "let torchvision download missing files")
+    path: str | None = _f(
+        None,
+        "csv / npz: the file; folder: the image root (ROOT/<class>/*.png|jpg, or ROOT/train/ [+ val/, test/])",
+        path=True,
+    )
+    target: str | list[str] | None = _f(
+        None, "csv: the target column (or a list of columns: several regression targets)", check=_columns
+    )
+    features: list[str] | None = _f(
+        None, "csv: the feature columns (null = every column but the target)", check=_columns
+    )
+    x_key: str = _f("x", "npz: the inputs array (N, ...); an array named <x_key>_test is the test split")
+    y_key: str = _f("y", "npz: the targets array (N,) or (N, k); with <y_key>_test for the test split")
+    image_size: list[int] | None = _f(
+        None,
+        "folder: [H, W] every image is resized to (decoded as RGB: grey replicated, alpha dropped)",
+        ge=1,
+        n_items=2,
+    )
     batch_size: int = _f(128, "training batch size (per device)", ge=1)
     eval_batch_size: int | None = _f(None, "val/test batch size (null = 4 x batch_size)", ge=1)
     val_fraction: float = _f(0.1, "share of the training data held out for validation", ge=0, lt=1)
     test_fraction: float = _f(0.2, "share held out for test where the data has no test split", gt=0, lt=1)
     split_seed: int = _f(0, "seed of the train/val/test split (kept apart from `seed` for sweeps)", ge=0, le=SEED_MAX)
     train_size: int | None = _f(None, "use only this many training samples", ge=1)
-    label_noise: float = _f(0.0, "fraction of training labels flipped to another class", ge=0, le=1)
+    label_noise: float = _f(0.0, "classification: fraction of training labels flipped to another class", ge=0, le=1)
     standardize: bool = _f(True, "zero mean, unit std from training statistics (per channel / feature)")
     whiten: Literal["none", "zca"] = _f("none", "ZCA whitening estimated on the training split")
     whiten_eps: float = _f(0.01, "ZCA epsilon added to the eigenvalues", gt=0)
-    augment: bool = _f(False, "cifar10: random crop (pad 4) + horizontal flip, per batch on device")
+    augment: bool = _f(False, "images (cifar10, folder, npz of N x C x H x W): random crop (pad 4) + h-flip per batch")
     # synthetic data
     input_shape: list[int] = _f([32], "synthetic: shape of one sample, e.g. [3, 32, 32]", ge=1, min_items=1)
     num_classes: int = _f(10, "synthetic: number of classes", ge=2)
@@ -211,6 +255,36 @@ class DataConfig:
     standardize_target: bool = _f(
         True, "regression: fit targets standardised with training mean/std (metrics, predictions: own units)"
     )
+
+
+def check_data_keys(d: DataConfig, task: str) -> None:
+    """The data keys that go together, checked when the config loads (the files are checked by
+    `deepnets.data.check_data_files` before a run starts: a run's config.yaml must load where its data is gone)."""
+    if d.name in USER_DATA and d.path is None:
+        what = {"csv": "a .csv file", "npz": "an .npz file", "folder": "an image folder"}[d.name]
+        raise UserError(f"data.path: data.name={d.name} reads {what}; set data.path")
+    # (keys of another kind of data are ignored, as data.num_classes is: an override of data.name keeps them)
+    if d.name == "csv" and d.target is None:
+        raise UserError("data.target: data.name=csv needs the target column's name")
+    if d.name == "csv" and d.features is not None:
+        targets = [d.target] if isinstance(d.target, str) else d.target
+        both = next((c for c in d.features if c in targets), None)
+        if both is not None:
+            raise UserError(f"data.features: {_show(both)} is also data.target")
+    if d.name == "folder" and d.image_size is None:
+        raise UserError("data.image_size: data.name=folder needs [H, W] to resize every image to")
+    if d.name == "npz" and d.x_key == d.y_key:
+        raise UserError(f"data.y_key: {_show(d.y_key)} is also data.x_key")
+    if task == "regression":  # (data.label_noise: _check_task)
+        if d.name == "folder":
+            raise UserError("task: regression needs numeric targets; data.name=folder gives class labels")
+        if d.name not in ("csv", "npz", "synthetic"):  # synthetic: a seeded teacher regression
+            raise UserError(
+                f"task: regression needs numeric targets; data.name={d.name} is a classification "
+                "dataset (use csv, npz or synthetic)"
+            )
+    elif d.name == "csv" and isinstance(d.target, list) and len(d.target) > 1:
+        raise UserError(f"data.target: {len(d.target)} columns are regression targets; set task=regression")
 
 
 @dataclass
@@ -1028,6 +1102,7 @@ def validate(cfg: Config) -> None:
     _check_task(cfg)
     o = cfg.optim
     check_optimizer(o.name, o.kwargs, o.lr, o.weight_decay > 0 or o.layer_decay is not None)
+    check_data_keys(cfg.data, cfg.task)
     if s.name == "plateau":
         if s.warmup_steps:
             raise UserError("scheduler.warmup_steps: not supported with scheduler.name=plateau")
@@ -1131,7 +1206,10 @@ def check_runtime(cfg: Config) -> None:
 
     import lightning as L
 
+    from deepnets.data import check_data_files
+
     t = cfg.trainer
+    check_data_files(cfg.data)  # the user's data files exist and are of their kind, before anything is written
     check_devices(t, visible_devices(ask_bf16=t.precision == "bf16-mixed"))
     quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
     levels = [q.level for q in quiet]

@@ -13,17 +13,21 @@ import os
 import pickle
 import struct
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 
-from deepnets.config import DataConfig
+from deepnets import userdata
+from deepnets.config import USER_DATA, DataConfig
 from deepnets.errors import UserError
+from deepnets.userdata import Source
 
 # (input shape, classes) known before any file is read, so the model can be built first.
 SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
@@ -36,7 +40,12 @@ SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
 
 @dataclass
 class Splits:
-    """Float inputs (N, *input_shape) and int64 labels (N,) for each split."""
+    """Inputs (N, *input_shape) and targets for each split, with the preprocessing `state` (see `preprocess`).
+
+    Inputs are float32, already preprocessed, or uint8 images (`state["uint8"]`), which the loaders
+    preprocess per batch on the device. Targets: int64 (N,) class ids, or float32 (N,) / (N, k) for
+    regression, in the target's own units.
+    """
 
     x_train: Tensor
     y_train: Tensor
@@ -44,6 +53,7 @@ class Splits:
     y_val: Tensor
     x_test: Tensor
     y_test: Tensor
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 class TensorBatches:
@@ -68,8 +78,10 @@ class TensorBatches:
         world_size: int = 1,
         augment: bool = False,
         drop_last: bool = False,
+        transform: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.x, self.y = x, y  # (N, ...), (N,)
+        self.transform = transform  # per batch, on the device: uint8 images -> preprocessed float
         self.drop_last = drop_last  # leave out a last, smaller batch (BatchNorm cannot train on one sample)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -115,6 +127,8 @@ class TensorBatches:
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             # index_select, not x[idx]: the same gather, 2.3x faster on the CPU (advanced indexing's general path)
             x = self.x.index_select(0, idx)
+            if self.transform is not None:
+                x = self.transform(x)
             if self.augment:  # seeded per (epoch, batch), so a resumed epoch draws the same crops
                 g = torch.Generator().manual_seed(((self.seed * 100_003 + epoch) * 100_003 + b) * (self.rank + 1))
                 x = random_crop_flip(x, g)
@@ -432,29 +446,166 @@ def flip_labels(y: Tensor, fraction: float, num_classes: int, seed: int) -> Tens
     return out
 
 
+# ---------------------------------------------------------------- the dataset table
+
+DIGIT_CLASSES = [str(i) for i in range(10)]
+CLASS_NAMES = {  # torchvision's `classes` of each built-in dataset
+    "digits": DIGIT_CLASSES,
+    "mnist": DIGIT_CLASSES,
+    "fashion_mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One entry of DATASETS: `read(cfg, task)` gives the samples; `spec(cfg, task)` the (input shape,
+    outputs) from as little reading as the files allow, or None where only a full read tells."""
+
+    read: Callable[[DataConfig, str], Source]
+    spec: Callable[[DataConfig, str], tuple[tuple[int, ...], int] | None]
+
+
+def _builtin(cfg: DataConfig, task: str) -> Source:
+    if cfg.name == "digits":
+        x, y = _load_digits()
+        return Source(x, y, classes=DIGIT_CLASSES)
+    if cfg.name == "synthetic":
+        x, y = _synthetic(cfg, task)
+        return Source(x, y, classes=[str(i) for i in range(cfg.num_classes)] if task == "classification" else None)
+    x, y = _load_files(cfg, train=True)
+    x_test, y_test = _load_files(cfg, train=False)
+    return Source(x, y, x_test=x_test, y_test=y_test, classes=CLASS_NAMES[cfg.name])
+
+
+def _builtin_spec(cfg: DataConfig, task: str) -> tuple[tuple[int, ...], int]:
+    if cfg.name == "synthetic":
+        return tuple(cfg.input_shape), cfg.num_classes if task == "classification" else 1
+    return SHAPES[cfg.name]
+
+
+def _csv_spec(cfg: DataConfig, task: str) -> tuple[tuple[int, ...], int] | None:
+    if task == "classification":  # the class count needs the whole target column
+        return None
+    assert cfg.path is not None and cfg.target is not None
+    d = userdata.csv_spec(cfg.path, cfg.target, cfg.features)
+    return ((d,), 1 if isinstance(cfg.target, str) else len(cfg.target)) if d else None
+
+
+def _folder_spec(cfg: DataConfig, task: str) -> tuple[tuple[int, ...], int] | None:
+    assert cfg.path is not None and cfg.image_size is not None
+    classes = userdata.folder_classes(cfg.path)
+    return ((userdata.CHANNELS, *cfg.image_size), len(classes)) if len(classes) >= 2 else None
+
+
+def _must(value: Any) -> Any:
+    assert value is not None  # check_data_keys made sure when the config loaded
+    return value
+
+
+DATASETS: dict[str, Dataset] = {
+    "digits": Dataset(_builtin, _builtin_spec),
+    "mnist": Dataset(_builtin, _builtin_spec),
+    "fashion_mnist": Dataset(_builtin, _builtin_spec),
+    "cifar10": Dataset(_builtin, _builtin_spec),
+    "synthetic": Dataset(_builtin, _builtin_spec),
+    "csv": Dataset(lambda c, t: userdata.read_csv(_must(c.path), _must(c.target), c.features, t), _csv_spec),
+    "npz": Dataset(
+        lambda c, t: userdata.read_npz(_must(c.path), c.x_key, c.y_key, t),
+        lambda c, t: userdata.npz_spec(_must(c.path), c.x_key, c.y_key, t),
+    ),
+    "folder": Dataset(lambda c, t: userdata.read_folder(_must(c.path), _must(c.image_size)), _folder_spec),
+}
+
+
+def check_data_files(cfg: DataConfig) -> None:
+    """data.path exists and is of the kind data.name reads (its contents are checked when read)."""
+    if cfg.name not in USER_DATA or cfg.path is None:
+        return
+    p = Path(cfg.path)
+    where = f"data.path={cfg.path}"
+    if not p.exists():
+        raise UserError(f"{where} does not exist")
+    if cfg.name == "folder":
+        if not p.is_dir():
+            raise UserError(f"{where} is not a directory; data.name=folder reads ROOT/<class>/*.png|jpg")
+        return
+    if not p.is_file():
+        raise UserError(f"{where} is not a file; data.name={cfg.name} reads one .{cfg.name} file")
+    if not os.access(p, os.R_OK):
+        raise UserError(f"{where}: cannot read the file (permission denied)")
+    if cfg.name == "npz" and not zipfile.is_zipfile(p):
+        raise UserError(f"{where} is not an .npz file (not a zip archive; write it with numpy.savez)")
+
+
+# ---------------------------------------------------------------- splits and preprocessing
+
+
 def load_splits(cfg: DataConfig, seed: int, task: str = "classification") -> Splits:
-    """Read the dataset and cut it into train/val/test, all on the CPU, float32."""
+    """Read the dataset and cut it into train/val/test, all on the CPU, with the preprocessing state.
+
+    Float inputs come back preprocessed; uint8 images stay uint8 (the loaders preprocess each batch).
+    """
+    src = DATASETS[cfg.name].read(cfg, task)
     g = torch.Generator().manual_seed(cfg.split_seed)
-    if cfg.name in ("digits", "synthetic"):
-        x, y = _load_digits() if cfg.name == "digits" else _synthetic(cfg, task)
+    x, y = src.x, src.y
+    if src.x_test is None:
         train_idx, test_idx = _split(len(x), cfg.test_fraction, g)
         x_test, y_test = x[test_idx], y[test_idx]
         x, y = x[train_idx], y[train_idx]
     else:
-        x, y = _load_files(cfg, train=True)
-        x_test, y_test = _load_files(cfg, train=False)
-    train_idx, val_idx = _split(len(x), cfg.val_fraction, g)
-    x_val, y_val = x[val_idx], y[val_idx]
+        x_test, y_test = src.x_test, _must(src.y_test)
+    if src.x_val is None:
+        train_idx, val_idx = _split(len(x), cfg.val_fraction, g)
+        x_val, y_val = x[val_idx], y[val_idx]
+    else:  # the files' own validation split (a folder's val/)
+        train_idx, x_val, y_val = torch.arange(len(x)), src.x_val, _must(src.y_val)
     if cfg.train_size is not None:
         if cfg.train_size > len(train_idx):
             raise UserError(f"data.train_size={cfg.train_size} exceeds the {len(train_idx)} training samples")
         train_idx = train_idx[: cfg.train_size]
     x_train, y_train = x[train_idx], y[train_idx]
     if cfg.label_noise > 0:
-        num_classes = SHAPES.get(cfg.name, (None, cfg.num_classes))[1]
-        y_train = flip_labels(y_train, cfg.label_noise, num_classes, seed=cfg.split_seed + 1)
-    _check_split_sizes(cfg, len(y_train), len(y_val), len(y_test))
-    s = Splits(x_train, y_train, x_val, y_val, x_test, y_test)
+        if task != "classification":
+            raise UserError(f"data.label_noise={cfg.label_noise}: flips class labels; task={task} has none")
+        y_train = flip_labels(y_train, cfg.label_noise, len(_must(src.classes)), seed=cfg.split_seed + 1)
+    _check_split_sizes(cfg, len(y_train), len(y_val), len(y_test), src.x_test is not None)
+    num_outputs = len(src.classes) if task == "classification" and src.classes else _target_width(y_train)
+    state: dict[str, Any] = {
+        "version": 1,
+        "dataset": cfg.name,
+        "task": task,
+        "input_shape": list(x_train.shape[1:]),
+        "num_outputs": num_outputs,
+        "classes": src.classes if task == "classification" else None,
+        "features": src.features,
+        "targets": src.targets,
+        "x_key": cfg.x_key if cfg.name == "npz" else None,
+        "image_size": list(cfg.image_size) if cfg.image_size is not None else None,
+        "uint8": x_train.dtype == torch.uint8,
+        "mean": None,
+        "std": None,
+        "zca_mean": None,
+        "zca_W": None,
+    }
+    s = Splits(x_train, y_train, x_val, y_val, x_test, y_test, state)
+    if state["uint8"]:  # statistics of x / 255, in float64 chunks (the float copy of the set is never made)
+        if cfg.standardize:
+            state["mean"], state["std"] = _uint8_moments(x_train)
+        if cfg.whiten == "zca":
+            state["zca_mean"], state["zca_W"] = _uint8_zca(x_train, state, cfg.whiten_eps)
+        return s
     if cfg.standardize:
         _standardize(s)
     if cfg.whiten == "zca":
@@ -462,7 +613,11 @@ def load_splits(cfg: DataConfig, seed: int, task: str = "classification") -> Spl
     return s
 
 
-def _check_split_sizes(cfg: DataConfig, n_train: int, n_val: int, n_test: int) -> None:
+def _target_width(y: Tensor) -> int:
+    return 1 if y.dim() == 1 else int(y.shape[1])
+
+
+def _check_split_sizes(cfg: DataConfig, n_train: int, n_val: int, n_test: int, given_test: bool = False) -> None:
     """Splits too small to mean anything fail here, naming the keys that made them: a training split
     of one sample has no std (standardisation turns it into NaN) and no BatchNorm statistics, and an
     empty val/test split would report no metrics (or NaN ones) under a `completed` status."""
@@ -473,17 +628,40 @@ def _check_split_sizes(cfg: DataConfig, n_train: int, n_val: int, n_test: int) -
     if cfg.val_fraction > 0 and n_val == 0:
         raise UserError(f"data.val_fraction={cfg.val_fraction} leaves an empty validation split ({sizes})")
     if n_test == 0:
-        key = f"data.test_fraction={cfg.test_fraction}" if cfg.name in ("digits", "synthetic") else "data.root"
+        if cfg.name in USER_DATA:
+            key = f"data.path={cfg.path}" if given_test else f"data.test_fraction={cfg.test_fraction}"
+        else:
+            key = f"data.test_fraction={cfg.test_fraction}" if cfg.name in ("digits", "synthetic") else "data.root"
         raise UserError(f"{key}: the test split is empty ({sizes})")
+
+
+def _stat_dims(x: Tensor) -> tuple[int, ...]:
+    return (0, 2, 3) if x.dim() == 4 else (0,)
 
 
 def _standardize(s: Splits) -> None:
     """Zero mean, unit std per channel (images) or per feature (vectors), from training statistics."""
-    dims = (0, 2, 3) if s.x_train.dim() == 4 else (0,)
+    dims = _stat_dims(s.x_train)
     mean = s.x_train.mean(dim=dims, keepdim=True)
     std = s.x_train.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    s.state["mean"], s.state["std"] = mean[0], std[0]  # (C, 1, 1) or (D,): a sample's shape, broadcast
     for name in ("x_train", "x_val", "x_test"):
         setattr(s, name, (getattr(s, name) - mean) / std)
+
+
+def _uint8_moments(x: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Mean and std (unbiased, as Tensor.std) of x / 255 over `_stat_dims`, accumulated in float64 chunks."""
+    dims = _stat_dims(x)
+    total = sq = None
+    for i in range(0, len(x), chunk):
+        part = x[i : i + chunk].double().div_(255.0)
+        a, b = part.sum(dim=dims, keepdim=True), (part * part).sum(dim=dims, keepdim=True)
+        total, sq = (a, b) if total is None else (total + a, sq + b)
+    assert total is not None and sq is not None
+    count = x.numel() // math.prod(total.shape)
+    mean = total / count
+    var = (sq - count * mean * mean) / (count - 1)
+    return mean[0].float(), var.clamp_min(0).sqrt()[0].float().clamp_min(1e-6)
 
 
 def zca_matrix(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -499,9 +677,72 @@ def zca_matrix(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 def _zca(s: Splits, eps: float) -> None:
     shape = s.x_train.shape[1:]
     mean, W = zca_matrix(s.x_train.flatten(1), eps)
+    s.state["zca_mean"], s.state["zca_W"] = mean, W
     for name in ("x_train", "x_val", "x_test"):
         x = getattr(s, name)
         setattr(s, name, ((x.flatten(1) - mean) @ W).view(-1, *shape))
+
+
+def _uint8_zca(x: Tensor, state: dict[str, Any], eps: float, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """`zca_matrix` of the standardised images, with the covariance summed in float64 chunks."""
+    d = math.prod(x.shape[1:])
+    total, outer = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+    for i in range(0, len(x), chunk):
+        part = _apply(x[i : i + chunk], {**state, "zca_mean": None}).flatten(1).double()  # (B, D)
+        total += part.sum(0)
+        outer += part.T @ part
+    n = len(x)
+    mean = total / n
+    cov = (outer - n * torch.outer(mean, mean)) / (n - 1)  # (D, D)
+    lam, U = torch.linalg.eigh(cov)
+    W = U @ torch.diag((lam.clamp_min(0) + eps).rsqrt()) @ U.T
+    return mean.float(), W.float()
+
+
+def _apply(x: Tensor, state: dict[str, Any]) -> Tensor:
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255.0)
+    elif x.dtype != torch.float32:
+        x = x.float()
+    if state.get("mean") is not None:
+        x = (x - state["mean"].to(x.device)) / state["std"].to(x.device)
+    if state.get("zca_mean") is not None:
+        shape = x.shape[1:]
+        x = ((x.flatten(1) - state["zca_mean"].to(x.device)) @ state["zca_W"].to(x.device)).view(-1, *shape)
+    return x
+
+
+def preprocess(x_raw: Tensor, state: dict[str, Any]) -> Tensor:
+    """The training run's preprocessing of raw inputs (N, *input_shape), as the model saw them.
+
+    uint8 -> float / 255, then (x - mean) / std with the training statistics (data.standardize), then
+    ZCA whitening (data.whiten): the same operations, in the same order, as at training time.
+    """
+    return _apply(x_raw, state)
+
+
+def _device_transform(state: dict[str, Any], device: torch.device) -> Callable[[Tensor], Tensor]:
+    """`preprocess` with the statistics moved to `device` once, for the per-batch path of uint8 images."""
+    on = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in state.items()}
+    return lambda x: _apply(x, on)
+
+
+def check_same_state(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
+    """The data a run reads now is what its checkpoint was trained on: the same classes, columns, shape
+    and statistics. A changed file would otherwise resume (or evaluate) a model on a different mapping."""
+    for key in ("dataset", "task", "input_shape", "num_outputs", "classes", "features", "targets", "image_size"):
+        if key in saved and saved[key] != now.get(key):
+            raise UserError(
+                f"{where}: the data differs from what the checkpoint was trained on: {key} was {saved[key]!r}, "
+                f"the files give {now.get(key)!r} now"
+            )
+    for key in ("mean", "std", "zca_mean", "zca_W"):
+        a, b = saved.get(key), now.get(key)
+        if (a is None) != (b is None) or (a is not None and not torch.allclose(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-6)):
+            raise UserError(
+                f"{where}: the data differs from what the checkpoint was trained on: its {key} statistics "
+                "do not match the training split read now (the file changed, or data.standardize / data.whiten did)"
+            )
 
 
 # ---------------------------------------------------------------- Lightning
@@ -518,30 +759,66 @@ def _note_once(message: str) -> None:
 
 
 class InMemoryDataModule(L.LightningDataModule):
-    """Any dataset above as a LightningDataModule whose loaders are `TensorBatches` on the device."""
+    """Any dataset above as a LightningDataModule whose loaders are `TensorBatches` on the device.
+
+    Its `state_dict` is the preprocessing state of `load_splits` (statistics as tensors, class names,
+    column names, shapes: plain data, so checkpoints load with weights_only=True); Lightning stores it
+    in every checkpoint and hands it back on resume, where it must match the data read again.
+    """
 
     def __init__(self, cfg: DataConfig, seed: int, task: str = "classification") -> None:
         super().__init__()
         self.cfg, self.seed, self.task = cfg, seed, task
         self.splits: Splits | None = None
         self._train_loader: TensorBatches | None = None
+        self._spec: tuple[tuple[int, ...], int] | None = None
+        self._restored: dict[str, Any] | None = None
+
+    def _shape_and_outputs(self) -> tuple[tuple[int, ...], int]:
+        state = self.splits.state if self.splits is not None else self._restored
+        if state:
+            return tuple(state["input_shape"]), int(state["num_outputs"])
+        if self._spec is None:
+            self._spec = DATASETS[self.cfg.name].spec(self.cfg, self.task)
+        if self._spec is None:  # only reading the data tells (a CSV's classes, an npz's arrays)
+            self.setup()
+            return self._shape_and_outputs()
+        return self._spec
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.cfg.input_shape) if self.cfg.name == "synthetic" else SHAPES[self.cfg.name][0]
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.num_classes if self.cfg.name == "synthetic" else SHAPES[self.cfg.name][1]
+        return self._shape_and_outputs()[0]
 
     @property
     def num_outputs(self) -> int:
-        """The model's output count: classes, or the regression target's k (1 for (N,) targets)."""
-        return 1 if self.task == "regression" else self.num_classes
+        """The model's output count: classes (classification), or k of (N, k) targets, 1 for (N,) ones."""
+        return self._shape_and_outputs()[1]
+
+    @property
+    def num_classes(self) -> int:
+        """Classification's name for `num_outputs` (kept for the code that says classes)."""
+        return self.num_outputs
+
+    @property
+    def classes(self) -> list[str] | None:
+        state = self.splits.state if self.splits is not None else self._restored
+        return state.get("classes") if state else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.splits.state) if self.splits is not None else dict(self._restored or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.splits is not None:
+            where = f"data.path={self.cfg.path}" if self.cfg.path else f"data.name={self.cfg.name}"
+            check_same_state(state_dict, self.splits.state, where)
+        self._restored = dict(state_dict)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits = load_splits(self.cfg, self.seed, self.task)
+            if self._restored:  # a state given before the data was read (an export's): the data must match it
+                where = f"data.path={self.cfg.path}" if self.cfg.path else f"data.name={self.cfg.name}"
+                check_same_state(self._restored, self.splits.state, where)
             if self._device().type == "cpu":  # the one split gathered at random
                 self.splits.x_train = in_huge_pages(self.splits.x_train)
 
@@ -557,6 +834,14 @@ class InMemoryDataModule(L.LightningDataModule):
         dev = self._device()
         rank, world = self._rank()
         bs = self.cfg.batch_size if train else (self.cfg.eval_batch_size or 4 * self.cfg.batch_size)
+        assert self.splits is not None
+        state = self.splits.state
+        augment = train and self.cfg.augment
+        if augment and not (x.dim() == 4 and min(x.shape[2:]) >= 8):
+            raise UserError(
+                f"data.augment: random crops and flips need images (N, C, H, W) of at least 8x8; "
+                f"data.name={self.cfg.name} gives samples of shape {tuple(x.shape[1:])}"
+            )
         loader = TensorBatches(
             x.to(dev),
             y.to(dev),
@@ -565,7 +850,8 @@ class InMemoryDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world,
-            augment=train and self.cfg.augment and self.cfg.name == "cifar10",
+            augment=augment,
+            transform=_device_transform(state, dev) if state.get("uint8") else None,
         )
         if train and loader._shard_len % bs == 1 and self._has_batch_norm():
             # BatchNorm's batch statistics of one sample are undefined ("Expected more than 1 value per channel

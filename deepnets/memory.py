@@ -9,6 +9,7 @@ cannot fit.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -191,4 +192,21 @@ def check_fits(cfg: Config) -> None:
         raise UserError(
             f"model: ~{_gib(need)} GiB of parameters and activations at data.batch_size={cfg.data.batch_size}, "
             f"{_gib(free)} GiB available ({_size_keys(cfg)}; {n_params:,} parameters)"
+        )
+
+
+# Beyond the decoded images themselves: the encoded bytes of one decode chunk, one image being resized in
+# float32, and the interpreter + torch (~400 MiB resident after `import torch, lightning`), with 10% slack.
+DECODE_HEADROOM = 512 << 20
+
+
+def check_decode_fits(n: int, shape: tuple[int, ...], where: object) -> None:
+    """Fail with one line, before decoding, when `n` uint8 images of `shape` (C, H, W) cannot be held in RAM."""
+    need = int(n * math.prod(shape) * 1.1) + DECODE_HEADROOM
+    free = available_bytes(torch.device("cpu"))
+    if free is not None and need > free:
+        c, h, w = shape
+        raise UserError(
+            f"data.path={where}: {n:,} images of {c}x{h}x{w} need ~{_gib(need)} GiB of memory as uint8 (with "
+            f"headroom), {_gib(free)} GiB available; lower data.image_size or use fewer images"
         )

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
 import time
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -33,9 +30,7 @@ __all__ = [
     "TaskModule",
     "build_optimizer",
     "module_from_config",
-    "read_task_metadata",
     "target_stats",
-    "task_metadata",
 ]
 
 
@@ -236,30 +231,6 @@ def target_stats(y_train: Tensor) -> tuple[Tensor, Tensor]:
 
 
 TASK_BUFFERS = ("target_mean", "target_std")  # regression's buffers in a TaskModule's state_dict
-
-
-def task_metadata(state: Mapping[str, Tensor]) -> dict[str, str]:
-    """A checkpoint state_dict's task buffers as safetensors metadata for an export: JSON lists, exact for
-    float32 values. Metadata rather than tensors, so the weights file still loads strictly into the bare model."""
-    return {f"deepnets.{k}": json.dumps(state[k].tolist()) for k in TASK_BUFFERS if k in state}
-
-
-def read_task_metadata(path: str | Path, task: str) -> dict[str, Tensor]:
-    """The TaskModule arguments (target_mean, target_std) stored by `task_metadata` in an export's weights file."""
-    if task != "regression":
-        return {}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        return {k: torch.tensor(json.loads(meta[f"deepnets.{k}"]), dtype=torch.float32) for k in TASK_BUFFERS}
-    except KeyError:
-        raise UserError(
-            f"{path}: holds no target statistics (task regression); export the run again (deepnets --export RUN_DIR)"
-        ) from None
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{path}: cannot read its target statistics: {' '.join(str(e).split())}") from None
 
 
 def _metric_dtype(device: torch.device) -> torch.dtype:
