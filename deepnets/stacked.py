@@ -736,7 +736,7 @@ class MemberMonitors(L.Callback):
         from deepnets.monitor import GradientFlowMonitor
 
         self.watch = [
-            (GradientFlowMonitor(m.cfg.logging, m.run_dir), _ModuleOf(model, m.cfg), w)
+            (GradientFlowMonitor.from_config(m.cfg.logging, m.run_dir), _ModuleOf(model, m.cfg), w)
             for m, model, w in zip(members, models, list(writers) or [None] * len(members), strict=True)
         ]
 

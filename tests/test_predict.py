@@ -234,8 +234,7 @@ def test_regression_predict_is_in_the_targets_units(tmp_path: Path) -> None:
         by_hand = model((xt - state["mean"]) / state["std"]) * std + mean
     assert torch.allclose(torch.tensor([[float(v) for v in r[1:]] for r in rows]), by_hand, atol=1e-4)
     got = evaluate(export_run(run))
-    assert set(got) == {"test/mse", "test/mae", "test/r2"}
+    assert set(got) == {"test/loss", "test/mse", "test/mae", "test/r2"}
     metrics = json.loads((run / "metrics.json").read_text())["metrics"]
-    for key in ("test/mse", "test/mae", "test/r2"):
-        if key in metrics:
-            assert math.isclose(got[key], metrics[key], rel_tol=1e-4, abs_tol=1e-5), key
+    for key in sorted(got):
+        assert math.isclose(got[key], metrics[key], rel_tol=1e-4, abs_tol=1e-5), key

@@ -74,12 +74,12 @@ def test_tables_name_what_validation_accepts() -> None:
 def test_monitor_defaults_follow_the_task() -> None:
     cls = load_config(None, [])
     assert (cls.task, cls.checkpoint.monitor, cls.checkpoint.mode) == ("classification", "val/acc", "max")
-    reg = load_config(None, ["task=regression"])
+    reg = load_config(None, ["task=regression", "data.name=synthetic"])
     assert (reg.checkpoint.monitor, reg.checkpoint.mode) == ("val/loss", "min")
     assert (reg.early_stopping.monitor, reg.early_stopping.mode) == ("val/loss", "min")
-    r2 = load_config(None, ["task=regression", "checkpoint.monitor=val/r2"])  # mode: the metric's
+    r2 = load_config(None, ["task=regression", "data.name=synthetic", "checkpoint.monitor=val/r2"])  # mode: the metric's
     assert r2.checkpoint.mode == "max"
-    assert load_config(None, ["task=regression", "sweep.metric=test/r2", "sweep.params={optim.lr: [0.1]}"])
+    assert load_config(None, ["task=regression", "data.name=synthetic", "sweep.metric=test/r2", "sweep.params={optim.lr: [0.1]}"])
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,7 @@ def test_cli_bad_csv_is_one_line_exit_2_nothing_written(tmp_path: Path) -> None:
         (["data.name=csv", "data.path=x.csv", "data.target=k", "data.features=[a, k]"], "'k' is also data.target"),
         (
             ["task=regression", "data.name=csv", "data.path=x", "data.target=k", "data.label_noise=0.1"],
-            "data.label_noise=0.1: flips class labels",
+            "data.label_noise: 0.1 acts on class labels",
         ),
         (["task=regression", "data.name=folder", "data.path=x", "data.image_size=[8, 8]"], "needs numeric targets"),
         (["task=regression"], "data.name=digits is a classification dataset"),
