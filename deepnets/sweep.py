@@ -426,8 +426,8 @@ def run_order(points: list[Point], workers: int) -> list[Point]:
     """The order workers claim a grid's runs in: the grid's own with one local worker (results come in as
     the table reads); longest first otherwise (LPT, Graham 1969). In grid order the costliest runs come
     last, so with several workers the sweep ends with one of them running a big net while the others wait
-    (the 2-worker double_descent sweep lost ~1/4 of its wall time so: bench/sweep_workers.py). The sort
-    is stable: a point's seeds stay together, in order. The table's order is the grid's either way."""
+    (bench/sweep_workers.py prints that idle tail, and both orders simulated from a 1-worker run). The
+    sort is stable: a point's seeds stay together, in order. The table's order is the grid's either way."""
     return points if workers == 1 else sorted(points, key=_work, reverse=True)
 
 
