@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -49,14 +50,9 @@ def env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop} | {"PYTHONPATH": str(ROOT)}
 
 
-def resolved_auto() -> int:
-    """What `auto` resolves to for a process started like the runs below."""
-    code = "from deepnets.run import resolve_threads; print(resolve_threads('auto'))"
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env()).stdout)
-
-
-def run_once(name: str, threads: str, out: Path, extra: list[str]) -> tuple[float, float]:
-    """(wall_seconds, test/acc) of one `python train.py --config NAME trainer.threads=T`."""
+def run_once(name: str, threads: str, out: Path, extra: list[str]) -> tuple[float, float, int]:
+    """(wall_seconds, test/acc, threads used) of one `python train.py --config NAME trainer.threads=T`; the
+    count used is the run's own record (hparams.yaml), so for `auto` it is what auto picked in that run."""
     args = [sys.executable, str(ROOT / "train.py"), "--config", name, f"output_dir={out}", f"trainer.threads={threads}"]
     args += ["trainer.progress_bar=false", *extra]
     proc = subprocess.run(args, cwd=out.parent, capture_output=True, text=True, env=env())
@@ -64,7 +60,10 @@ def run_once(name: str, threads: str, out: Path, extra: list[str]) -> tuple[floa
         raise SystemExit(f"error: {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
     metrics_files = sorted((out / name).glob("version_*/metrics.json"), key=lambda p: p.stat().st_mtime)
     m = json.loads(metrics_files[-1].read_text())
-    return float(m["wall_seconds"]), float(m["metrics"].get("test/acc", float("nan")))
+    used = re.search(r"^\s*threads: (\d+)$", (metrics_files[-1].parent / "hparams.yaml").read_text(), re.M)
+    if used is None:
+        raise SystemExit(f"error: {metrics_files[-1].parent / 'hparams.yaml'} records no thread count")
+    return float(m["wall_seconds"]), float(m["metrics"].get("test/acc", float("nan"))), int(used.group(1))
 
 
 def competing_process() -> subprocess.Popen[bytes]:
@@ -81,12 +80,18 @@ def bench(names: list[str], settings: list[str], rounds: int, extra: list[str]) 
                 for name in names:
                     times: dict[str, list[float]] = {s: [] for s in settings}
                     accs: dict[str, list[float]] = {s: [] for s in settings}
+                    picked: list[int] = []
                     for r in range(rounds):
                         for s in settings if r % 2 == 0 else settings[::-1]:
-                            wall, acc = run_once(name, s, out, extra)
+                            wall, acc, used = run_once(name, s, out, extra)
                             times[s].append(wall)
                             accs[s].append(acc)
-                            print(f"  {condition} {name} threads={s}: {wall:.2f} s, test/acc {acc:.4f}", flush=True)
+                            if s == "auto":
+                                picked.append(used)
+                            print(
+                                f"  {condition} {name} threads={s} ({used}): {wall:.2f} s, test/acc {acc:.4f}",
+                                flush=True,
+                            )
                     med = {s: statistics.median(v) for s, v in times.items()}
                     fixed = [s for s in settings if s != "auto"]
                     best = min(fixed, key=lambda s: med[s])
@@ -98,6 +103,7 @@ def bench(names: list[str], settings: list[str], rounds: int, extra: list[str]) 
                             "times_s": times,
                             "test_acc": accs,
                             "best_fixed": best,
+                            "auto_picked": picked,
                             "ratio": med["auto"] / med[best] if "auto" in med else None,
                         }
                     )
@@ -110,13 +116,14 @@ def bench(names: list[str], settings: list[str], rounds: int, extra: list[str]) 
 
 def markdown(rows: list[dict], settings: list[str]) -> str:
     head = "| condition | config | " + " | ".join(f"threads={s} (median s)" for s in settings)
-    head += " | auto / best fixed | test acc (" + ", ".join(settings) + ") |"
-    lines = [head, "|" + " --- |" * (len(settings) + 4)]
+    head += " | auto picked | auto / best fixed | test acc (" + ", ".join(settings) + ") |"
+    lines = [head, "|" + " --- |" * (len(settings) + 5)]
     for r in rows:
         cells = [f"{r['median_s'][s]:.2f}" for s in settings]
         ratio = f"{r['ratio']:.2f} (best: {r['best_fixed']})" + ("" if r["ratio"] <= TARGET else " **over 1.1**")
         acc = ", ".join("/".join(sorted({f"{a:.4f}" for a in r["test_acc"][s]})) for s in settings)
-        lines.append(f"| {r['condition']} | {r['config']} | " + " | ".join(cells) + f" | {ratio} | {acc} |")
+        picked = ", ".join(str(n) for n in r["auto_picked"]) or "-"
+        lines.append(f"| {r['condition']} | {r['config']} | " + " | ".join(cells) + f" | {picked} | {ratio} | {acc} |")
     return "\n".join(lines)
 
 
@@ -126,16 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", default="1,2", help="fixed counts to compare auto with (default: 1,2)")
     p.add_argument("--rounds", type=int, default=3, help="A B A B rounds per config and condition (default: 3)")
     p.add_argument("--json", type=Path, help="write the raw results here")
-    p.add_argument("--quick", action="store_true", help="smoke test: mlp only, 1 epoch, 1 round")
+    p.add_argument("--quick", action="store_true", help="smoke test: mlp and resnet, 1 epoch, 1 round")
     args = p.parse_args(argv)
     names = args.configs.split(",") if args.configs else shipped_digits_configs()
     rounds, extra = args.rounds, []
     if args.quick:
-        names, rounds, extra = (names if args.configs else ["mlp"]), 1, ["trainer.max_epochs=1"]
+        names, rounds, extra = (names if args.configs else ["mlp", "resnet"]), 1, ["trainer.max_epochs=1"]
     settings = ["auto", *args.threads.split(",")]
-    auto = resolved_auto()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"threads bench: {os.cpu_count()} cores, auto resolves to {auto}, load average {load}", flush=True)
+    print(f"threads bench: {os.cpu_count()} cores, load average {load}", flush=True)
     t0 = time.perf_counter()
     rows = bench(names, settings, rounds, extra)
     table = markdown(rows, settings)
@@ -143,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     print(
-        f"\nauto = {auto} thread(s); worst auto / best fixed: {worst:.2f} (target <= {TARGET}); "
-        f"{rounds} round(s), {time.perf_counter() - t0:.0f} s"
+        f"\nworst auto / best fixed: {worst:.2f} (target <= {TARGET}); {rounds} round(s), "
+        f"{time.perf_counter() - t0:.0f} s; load average at the end " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
     )
     if args.json:
-        payload = {"auto": auto, "cores": os.cpu_count(), "rounds": rounds, "extra": extra, "rows": rows}
+        payload = {"cores": os.cpu_count(), "rounds": rounds, "extra": extra, "rows": rows}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0 if worst <= TARGET else 1
 

@@ -725,22 +725,116 @@ def available_cores() -> int:
     return cores
 
 
-def resolve_threads(threads: int | str) -> int:
-    """`trainer.threads` as a count. auto: OMP_NUM_THREADS where the environment sets it; else 1 on a
-    machine of at most 2 usable cores (on a shared 2-core box a second thread stalls every small op
-    whenever the other core is busy: 10-20x slower runs, bench/threads.py); else torch's default,
-    capped at the usable cores."""
+# `trainer.threads: auto`, measured on a shared 2-core VM (bench/threads.py; README "Threads"): a second
+# intra-op thread pays only when (a) the model's ops are big enough to split and (b) a core is free for it.
+# (a) The digits MLPs (7-26 MFLOP per forward of a batch) run no faster with 2 threads on an idle machine;
+# the conv nets (98-156 MFLOP) run 1.1-1.35x faster. (b) Next to one CPU-bound process, 2 threads make
+# every config 2.4-2.8x slower (each parallel region waits for the thread whose core is taken).
+SMALL_FORWARD_FLOPS = 50e6  # forward FLOPs of one batch below which auto takes 1 thread, load or not
+LOAD_SAMPLE_S = 0.15  # how long auto samples the machine's load (/proc/stat) at the start of a run
+FREE_MARGIN = 0.2  # a core counts as free when at most this fraction of it was busy during the sample
+
+
+def auto_threads(cores: int, busy: float | None, forward_flops: float | None, default: int) -> int:
+    """The `auto` decision: 1 thread for a small model or a one-core machine; else one per free core
+    (`cores - busy`, a core at most FREE_MARGIN busy counting as free), capped by torch's default (one
+    per physical core) and the usable cores. `busy`: cores' worth of CPU time other processes used
+    during the sample (None: not measurable here; then 1 on <= 2 cores, else the cap)."""
+    cap = max(1, min(default, cores))
+    if cores <= 1 or (forward_flops is not None and forward_flops < SMALL_FORWARD_FLOPS):
+        return 1
+    if busy is None:
+        return 1 if cores <= 2 else cap
+    return max(1, min(cap, math.floor(cores - busy + FREE_MARGIN)))
+
+
+def _cpu_times(stat: str, cpus: set[int]) -> tuple[int, int]:
+    """(busy, total) clock ticks of `cpus` in a /proc/stat text. Idle and iowait count as free; steal
+    (the hypervisor running another guest) counts as busy: that time is not ours either."""
+    busy = total = 0
+    for line in stat.splitlines():
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+            continue
+        ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+        total += sum(ticks)
+        busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy, total
+
+
+def busy_cores(before: str, after: str, cpus: set[int]) -> float | None:
+    """Cores' worth of CPU time used between two /proc/stat readings (0 .. len(cpus)); None: no ticks."""
+    b0, t0 = _cpu_times(before, cpus)
+    b1, t1 = _cpu_times(after, cpus)
+    if t1 <= t0:
+        return None
+    return len(cpus) * (b1 - b0) / (t1 - t0)
+
+
+def sample_busy(seconds: float = LOAD_SAMPLE_S) -> float | None:
+    """The load on this process's CPUs over `seconds` (this process sleeps meanwhile, so all of it is
+    other processes'), or None where /proc/stat is unreadable (not Linux)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        stat = Path("/proc/stat")
+        before = stat.read_text()
+        time.sleep(seconds)
+        return busy_cores(before, stat.read_text(), cpus)
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def _count_forward_flops(model_cfg: dict[str, Any], shape: tuple[int, ...], classes: int, batch: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deepnets.memory import meta_model
+
+    model = meta_model(model_cfg, shape, classes).train()
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+        model(torch.empty(batch, *shape, device="meta"))
+    return counter.get_total_flops()
+
+
+def forward_flops(cfg: Config) -> float | None:
+    """FLOPs of one training batch's forward pass, counted by torch's FlopCounterMode on the meta device
+    (no memory, no data read), or None where it cannot be counted (an op without a meta kernel, say).
+    A meta forward costs Python time per layer (~0.3 ms), so a model deeper than 8 layers is counted at
+    depths 1, 2, 3 and extrapolated (Newton's forward differences: exact up to degree 2 in depth, which
+    every zoo model is, as in memory.estimate)."""
+    from deepnets.memory import input_spec
+
+    try:
+        model_cfg = cfg.to_dict()["model"]
+        shape, classes = input_spec(cfg)
+        batch, depth = cfg.data.batch_size, model_cfg.get("depth")
+        if isinstance(depth, int) and depth > 8 and not isinstance(model_cfg.get("width"), list):
+            f = [_count_forward_flops({**model_cfg, "depth": d}, shape, classes, batch) for d in (1, 2, 3)]
+            k = depth - 1
+            return float(max(0, f[0] + k * (f[1] - f[0]) + k * (k - 1) // 2 * (f[2] - 2 * f[1] + f[0])))
+        return float(_count_forward_flops(model_cfg, shape, classes, batch))
+    except Exception:  # a decision input, never a reason to fail the run
+        return None
+
+
+def resolve_threads(threads: int | str, cfg: Config | None = None) -> int:
+    """`trainer.threads` as a count. auto: OMP_NUM_THREADS where the environment sets it; else
+    `auto_threads` from the usable cores, the model's forward FLOPs (of `cfg`; unknown without it)
+    and the load sampled now (only where the model is big enough for it to matter). So auto can pick
+    differently from one run to the next; a fixed `trainer.threads: N` is the reproducible choice."""
     if threads != "auto":
         return int(threads)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
     cores = available_cores()
-    return 1 if cores <= 2 else min(_TORCH_THREADS, cores)
+    flops = forward_flops(cfg) if cfg is not None and cores > 1 else None
+    small = cores <= 1 or (flops is not None and flops < SMALL_FORWARD_FLOPS)
+    busy = None if small else sample_busy()
+    return auto_threads(cores, busy, flops, _TORCH_THREADS)
 
 
-def apply_threads(threads: int | str) -> int:
+def apply_threads(threads: int | str, cfg: Config | None = None) -> int:
     """Set torch's intra-op and inter-op thread counts; returns the count."""
-    n = resolve_threads(threads)
+    n = resolve_threads(threads, cfg)
     torch.set_num_threads(n)
     with contextlib.suppress(RuntimeError):  # settable once, before the first inter-op parallel work
         torch.set_num_interop_threads(n)
@@ -771,7 +865,7 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
     config, data and model are known to be good; metrics.json is written however the run ends.
     """
     check_runtime(cfg)  # devices, strategy and precision this machine can run: one error line, nothing written
-    threads = apply_threads(cfg.trainer.threads)
+    threads = apply_threads(cfg.trainer.threads, cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     check_fits(cfg)  # a model that cannot fit fails now, from a meta-device estimate
     with StopSignals() as stop:

@@ -425,10 +425,26 @@ def _sampled_params(cfg: Config, space: dict[str, list[Any] | Range]) -> list[di
     return out
 
 
+def _work(p: Point) -> int:
+    """A run's cost, up to a constant: parameters x epochs (steps where epochs are unlimited). Only the
+    order of these numbers is used."""
+    t = p.cfg.trainer
+    return (p.params or 0) * (t.max_epochs if t.max_epochs > 0 else max(1, t.max_steps))
+
+
+def run_order(points: list[Point], workers: int) -> list[Point]:
+    """The order workers claim a grid's runs in: the grid's own with one local worker (results come in as
+    the table reads); longest first otherwise (LPT, Graham 1969). In grid order the costliest runs come
+    last, so with several workers the sweep ends with one of them running a big net while the others wait
+    (bench/sweep_workers.py prints that idle tail, and both orders simulated from a 1-worker run). The
+    sort is stable: a point's seeds stay together, in order. The table's order is the grid's either way."""
+    return points if workers == 1 else sorted(points, key=_work, reverse=True)
+
+
 def _enqueue_all(study: Any, cfg: Config, points: list[Point] | None, space: dict[str, list[Any] | Range]) -> int:
     seeds = cfg.sweep.seeds
-    if points is not None:  # the grid, in its order
-        for p in points:
+    if points is not None:  # the grid: each run keeps its grid index (the table's order)
+        for p in run_order(points, cfg.sweep.workers):
             study.enqueue_trial({}, user_attrs={"index": p.index, "point": p.index // len(seeds), "seed": p.seed})
         return len(points)
     n = cfg.sweep.trials or 0
@@ -957,7 +973,7 @@ def write_report(sw: Sweep, plot: bool = True) -> list[dict[str, Any]]:
     rows = rows_of(sw.study)
     if not rows:
         return rows
-    stem = sw.sweep_dir / f".results.{os.getpid()}"
+    stem = sw.sweep_dir / f".results-{os.getpid()}"  # one per worker: ".results.<pid>" lost its pid to with_suffix
     write_table(rows, stem)
     os.replace(stem.with_suffix(".csv"), sw.sweep_dir / "results.csv")
     os.replace(stem.with_suffix(".md"), sw.sweep_dir / "results.md")
@@ -1165,7 +1181,7 @@ def worker_command(target: str, study: str | None) -> int:
     flag = StopFlag()
     with flag.installed():
         ok = work(sw, flag, tag=tag, slot=(slot, n))
-    rows = write_report(sw)
+    rows = write_report(sw, plot=SLOT_ENV not in os.environ)  # a local worker: the sweep process draws it
     if SLOT_ENV not in os.environ:
         done = sum(1 for r in rows if r["status"] in FINAL)
         print(f"sweep worker {_worker_id()}: done; {done} runs of {sw.sweep_dir} finished so far", flush=True)

@@ -70,7 +70,7 @@ def screens(line: str) -> list[str]:
 def check_header(line: str, run_dir: Path, *overrides: str) -> None:
     cfg = load_config(str(ROOT / "configs" / "mlp.yaml"), [*RUN, *overrides])
     params = sum(p.numel() for p in build_model(cfg.model, (8,), 3).parameters())
-    n = resolve_threads("auto")  # the subprocess has this environment and machine
+    n = resolve_threads("auto", cfg)  # the subprocess has this environment, machine and (small) model
     threads = f"{n} thread{'s' if n > 1 else ''}"
     assert line == f"{run_dir} | mlp {params:,} params | synthetic 360/40/100 train/val/test | cpu 32-true | {threads}"
 
@@ -104,7 +104,8 @@ def test_a_run_prints_header_bar_and_summary_only(tmp_path: Path) -> None:
     metrics = (tmp_path / run_dir / "metrics.json").read_text()
     assert '"lr-' not in metrics  # the LR monitor's keys stay on TensorBoard
     # the count used, beside config.yaml (which keeps `auto`)
-    assert f"threads: {resolve_threads('auto')}" in (tmp_path / run_dir / "hparams.yaml").read_text()
+    used = resolve_threads("auto", load_config(str(ROOT / "configs" / "mlp.yaml"), RUN))
+    assert f"threads: {used}" in (tmp_path / run_dir / "hparams.yaml").read_text()
     assert "threads: auto" in (tmp_path / run_dir / "config.yaml").read_text()
 
 
