@@ -77,9 +77,13 @@ def test_monitor_defaults_follow_the_task() -> None:
     reg = load_config(None, ["task=regression", "data.name=synthetic"])
     assert (reg.checkpoint.monitor, reg.checkpoint.mode) == ("val/loss", "min")
     assert (reg.early_stopping.monitor, reg.early_stopping.mode) == ("val/loss", "min")
-    r2 = load_config(None, ["task=regression", "data.name=synthetic", "checkpoint.monitor=val/r2"])  # mode: the metric's
+    r2 = load_config(
+        None, ["task=regression", "data.name=synthetic", "checkpoint.monitor=val/r2"]
+    )  # mode: the metric's
     assert r2.checkpoint.mode == "max"
-    assert load_config(None, ["task=regression", "data.name=synthetic", "sweep.metric=test/r2", "sweep.params={optim.lr: [0.1]}"])
+    assert load_config(
+        None, ["task=regression", "data.name=synthetic", "sweep.metric=test/r2", "sweep.params={optim.lr: [0.1]}"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -98,11 +102,11 @@ def test_monitor_defaults_follow_the_task() -> None:
             "optim.loss: cross_entropy is not a loss for task regression",
         ),
         (
-            ["task=regression", "checkpoint.monitor=val/acc"],
+            ["task=regression", "data.name=synthetic", "checkpoint.monitor=val/acc"],
             "checkpoint.monitor: 'val/acc' is not a metric this run logs (task regression; val/acc is classification",
         ),
         (
-            ["task=regression", "early_stopping.enabled=true", "early_stopping.monitor=val/r2"],
+            ["task=regression", "data.name=synthetic", "early_stopping.enabled=true", "early_stopping.monitor=val/r2"],
             "early_stopping.mode: min with early_stopping.monitor=val/r2 would keep the worst value (higher is better)",
         ),
         (["task=regression", "data.label_noise=0.1"], "data.label_noise: 0.1 acts on class labels; task regression"),
