@@ -52,7 +52,7 @@ def _f(default: Any = dataclasses.MISSING, doc: str = "", **bounds: Any) -> Any:
     ge, gt, le, lt: numeric bounds (for a list: of every item); every float
     must also be finite. min_items, n_items: list lengths. check: a function
     (value, key path) that raises a UserError. path: the value is a file
-    system path whose `~` is expanded at load time. allowed: the range as a
+    system path whose `~` is expanded at load time (absolute: and made absolute). allowed: the range as a
     message states it, where bounds alone do not say it.
     """
     kwargs: dict[str, Any] = {"metadata": {"doc": doc, **bounds}}
@@ -220,8 +220,10 @@ class DataConfig:
     download: bool = _f(False, "let torchvision download missing files")
     path: str | None = _f(
         None,
-        "csv / npz: the file; folder: the image root (ROOT/<class>/*.png|jpg, or ROOT/train/ [+ val/, test/])",
+        "csv / npz: the file; folder: the image root (ROOT/<class>/*.png|jpg, or ROOT/train/ [+ val/, test/]); "
+        "in a config file relative to that file, else to the current directory; recorded absolute",
         path=True,
+        absolute=True,
     )
     target: str | list[str] | None = _f(
         None, "csv: the target column (or a list of columns: several regression targets)", check=_columns
@@ -778,6 +780,10 @@ def _anchor_import_paths(raw: dict[str, Any], base_dir: Path) -> None:
         sec = raw.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), str):
             sec[key] = anchor(sec[key], base_dir)
+    data = raw.get("data")  # the user's data file, like their module, lives beside the config that names it
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"]:
+        target = os.path.expanduser(data["path"])
+        data["path"] = target if os.path.isabs(target) else str(base_dir / target)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
@@ -836,6 +842,8 @@ def _check_field(value: Any, tp: Any, meta: Mapping[str, Any], path: str) -> Any
     _check_bounds(out, meta, path)
     if meta.get("path") and isinstance(out, str):
         out = _expand_path(out, path)
+        if meta.get("absolute"):  # config.yaml records where the data was, whatever the cwd of a later resume
+            out = os.path.abspath(out)
     if "check" in meta and out is not None:
         checked = meta["check"](out, path)  # a check may also normalise (model.arch: an absolute path)
         if checked is not None:

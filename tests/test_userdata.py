@@ -447,3 +447,22 @@ def test_cifar10_folder_config_loads_and_runs_on_a_folder_of_its_layout(tmp_path
     ]
     result = train(load_config("cifar10_folder_resnet20.yaml", quick))
     assert result.status == "completed" and 0 <= result.metrics["test/acc"] <= 1
+
+
+def test_data_path_in_a_config_file_is_relative_to_that_file_and_recorded_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deepnets.config import load_config, to_yaml
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "d.csv").write_text("a,b\n1,2\n")
+    (folder / "c.yaml").write_text("task: regression\ndata: {name: csv, path: d.csv, target: b}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(str(folder / "c.yaml"))
+    assert cfg.data.path == str(folder / "d.csv")
+    override = load_config(str(folder / "c.yaml"), ["data.path=here.csv"])  # an override: the cwd
+    assert override.data.path == str(elsewhere / "here.csv")
+    assert f"path: {folder / 'd.csv'}" in to_yaml(cfg)  # a run's config.yaml reloads from any directory
