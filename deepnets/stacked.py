@@ -566,7 +566,7 @@ def train_stacked(cfgs: Sequence[Config], *, quiet: bool = True) -> list[Any]:
     Each member gets its own run directory (config.yaml, metrics.json, checkpoints/last.ckpt where
     checkpoint.enabled); nothing is written until data and models are built.
     """
-    from deepnets.run import Interrupted, RunResult, StopSignals, apply_threads
+    from deepnets.run import Interrupted, RunResult, StopSignals, apply_threads, resolve_threads
 
     if not cfgs:
         return []
@@ -576,8 +576,12 @@ def train_stacked(cfgs: Sequence[Config], *, quiet: bool = True) -> list[Any]:
     for c in cfgs:
         check_vectorize(c)
         check_runtime(c)
-    first = cfgs[0]
-    threads = apply_threads(first.trainer.threads)
+    # the count each member's standalone run would pick (auto: by its own FLOPs): the same count keeps the
+    # same reduction order, so the members stay equal to their standalone runs; where members would differ,
+    # the smallest (auto gives small nets 1 thread; sampling the load per distinct net costs 0.15 s each)
+    threads = apply_threads(
+        min({resolve_threads(c.trainer.threads, c) for c in {shape_key(c): c for c in cfgs}.values()})
+    )
     members = [Member(c) for c in cfgs]
     with StopSignals() as stop:
         try:

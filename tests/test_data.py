@@ -231,8 +231,10 @@ def test_training_set_is_copied_into_huge_pages_on_the_cpu(monkeypatch: pytest.M
         (["data.num_samples=3", "data.test_fraction=0.5"], "data: the training split has 1 sample(s)"),
         (["data.test_fraction=0.999"], "data: the training split has 1 sample(s)"),
         (["data.train_size=1"], "check data.train_size"),
-        (["data.num_samples=4", "data.val_fraction=0", "data.test_fraction=0.1", "checkpoint.enabled=false"],
-         "data.test_fraction=0.1: the test split is empty"),
+        (
+            ["data.num_samples=4", "data.val_fraction=0", "data.test_fraction=0.1", "checkpoint.enabled=false"],
+            "data.test_fraction=0.1: the test split is empty",
+        ),
     ],
 )
 def test_splits_too_small_to_mean_anything_are_one_error(overrides: list[str], message: str) -> None:

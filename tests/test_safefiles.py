@@ -373,6 +373,7 @@ def test_exports_are_world_readable_whatever_the_umask(trained, tmp_path: Path) 
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
         "model.safetensors": 0o644,
         "config.yaml": 0o644,
+        "preprocess.safetensors": 0o644,
     }
 
 

@@ -316,11 +316,12 @@ def test_resume_runs_what_is_left_and_an_interrupted_run_again(tmp_path: Path, c
     res = resume(sweep_dir, verbose=False)
     assert res.ok and [r["width"] for r in res.rows] == [4, 8, 16]
     trials = _trials(sweep_dir)
+    # (workers other than 1 claim a grid's runs largest first: width 16, 8, 4; the interrupted one runs again last)
     assert [(x.user_attrs["index"], x.user_attrs.get("status")) for x in trials] == [
-        (0, "interrupted"),
+        (2, "interrupted"),
         (1, "completed"),
-        (2, "completed"),
         (0, "completed"),
+        (2, "completed"),
     ]
     # resuming a finished sweep runs nothing and keeps its table
     before = {p.name for p in sweep_dir.glob("*/version_*")}

@@ -131,7 +131,7 @@ def test_killed_sweep_resumes_without_redoing_its_first_point(
 
     rc, out = _wait(_start(tmp_path, "resume", "--resume", str(sweep_dir)), tmp_path, "resume")
     assert rc == 0, out
-    assert "sweep: 3/3 runs ok" in out
+    assert "sweep: 3/3 runs ok" in out, out
     _check_every_run_once(sweep_dir, 3)
     assert [p.name for p in first.iterdir()] == ["version_0"]  # never redone
     assert (first / "version_0" / "metrics.json").read_text() == before

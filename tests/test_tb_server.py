@@ -285,7 +285,11 @@ def test_hyperparameters_are_every_config_key_but_plumbing() -> None:
     def leaves(d: dict[str, Any], prefix: str = "") -> set[str]:
         out = set()
         for k, v in d.items():
-            out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "params" else {f"{prefix}{k}"}
+            out |= (
+                leaves(v, f"{prefix}{k}.")
+                if isinstance(v, dict) and k not in ("params", "kwargs")
+                else {f"{prefix}{k}"}
+            )
         return out
 
     cfg = dataclasses.replace(Config(), seed=7)
