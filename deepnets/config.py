@@ -123,6 +123,8 @@ def _run_name(value: str, path: str) -> None:
 
 
 Activation = Literal["relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid", "identity"]
+
+
 def _arch(value: str, path: str) -> str:
     """A built-in name (did-you-mean on a miss) or an import path, recorded absolute (see deepnets.imports)."""
     from deepnets.models import check_arch_name  # the ARCHITECTURES table lives with the models (imports torch)
@@ -221,7 +223,8 @@ class DataConfig:
     path: str | None = _f(
         None,
         "csv / npz: the file; folder: the image root (ROOT/<class>/*.png|jpg, or ROOT/train/ [+ val/, test/]); "
-        "in a config file relative to that file, else to the current directory; recorded absolute",
+        "in your config file relative to that file, else (overrides, shipped configs) to the current directory; "
+        "recorded absolute",
         path=True,
         absolute=True,
     )
@@ -763,7 +766,8 @@ def load_config(name_or_path: str | None, overrides: Sequence[str] = ()) -> Conf
             raw = {}
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections, got {_show(raw)}")
-        _anchor_import_paths(raw, path.parent)
+        if path.resolve().parent != CONFIGS_DIR.resolve():  # a shipped config's relative paths mean the cwd
+            _anchor_import_paths(raw, path.parent)
     apply_overrides(raw, overrides)
     return from_dict(raw)
 

@@ -466,3 +466,12 @@ def test_data_path_in_a_config_file_is_relative_to_that_file_and_recorded_absolu
     override = load_config(str(folder / "c.yaml"), ["data.path=here.csv"])  # an override: the cwd
     assert override.data.path == str(elsewhere / "here.csv")
     assert f"path: {folder / 'd.csv'}" in to_yaml(cfg)  # a run's config.yaml reloads from any directory
+
+
+def test_a_shipped_configs_data_path_is_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deepnets.config import load_config
+
+    monkeypatch.chdir(tmp_path)  # the shipped config lives in the package: its `data/...` means here
+    assert load_config("cifar10_folder_resnet20").data.path == str(tmp_path / "data" / "CIFAR10-JPEG")
