@@ -51,6 +51,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         what = f"pickle opcode {int(op.group(1)):#04x} is not one torch.save writes" if op else _first_line(e)
         raise UserError(f"checkpoint {path} is corrupt or not a torch checkpoint ({what})") from None
     except Exception as e:  # truncated zip, bad magic, EOF, ...
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's zip, complete or cut short
+        if not zipped:  # random bytes can also trip the unpickler (IndexError, ...)
+            raise UserError(f"checkpoint {path} is corrupt or not a torch checkpoint ({_first_line(e)})") from None
         raise UserError(f"checkpoint {path} is corrupt or truncated: {_first_line(e)}") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} is not a deepnets checkpoint (top level is {type(ckpt).__name__})")

@@ -108,6 +108,7 @@ class SweepResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     ok: bool = True
     signum: int | None = None  # the signal that stopped the sweep
+    missing: int = 0  # runs of the sweep without a row yet (running elsewhere, or their worker died)
 
 
 @dataclass
@@ -959,6 +960,17 @@ def rows_of(study: Any) -> list[dict[str, Any]]:
     return [dict(best[i].user_attrs["row"]) for i in sorted(best)]
 
 
+def _runs_without_row(study: Any) -> int:
+    """The sweep's runs (grid indices) that no trial has reported a row for."""
+    indices, reported = set(), set()
+    for t in study.get_trials(deepcopy=False):
+        if "index" in t.user_attrs:
+            indices.add(int(t.user_attrs["index"]))
+            if "row" in t.user_attrs:
+                reported.add(int(t.user_attrs["index"]))
+    return len(indices - reported)
+
+
 def _replace_into(write: Any, target: Path) -> None:
     """Write through a temporary file and rename: several workers may rewrite the same table."""
     tmp = target.with_name(f".{target.stem}.{os.getpid()}{target.suffix}")
@@ -1017,8 +1029,10 @@ def drive(sw: Sweep, workers: int, *, verbose: bool = True) -> SweepResult:
     if flag.signum is None:
         flag.signum = next((c - 128 for c in codes if c > 128), None)
     rows = write_report(sw)
-    result = SweepResult(sw.sweep_dir, rows, signum=flag.signum)
-    result.ok = flag.signum is None and all(c == 0 for c in codes) and all(r["status"] in OK for r in rows)
+    result = SweepResult(sw.sweep_dir, rows, signum=flag.signum, missing=_runs_without_row(sw.study))
+    result.ok = (
+        flag.signum is None and all(c == 0 for c in codes) and all(r["status"] in OK for r in rows)
+    ) and not result.missing
     if verbose and not rows:
         print(f"sweep: no run reported {sw.cfg.sweep.metric!r}; sweep.png not drawn", file=sys.stderr)
     return result
@@ -1072,8 +1086,11 @@ def requeue_unfinished(sw: Sweep) -> int:
             continue
         running = [t for t in ts if t.state == TrialState.RUNNING]
         here = socket.gethostname()
+        # a RUNNING trial without a `worker` attr: its claimer died between the claim and recording itself
+        # (a live one records it right after the claim), so it is gone, not "running elsewhere"
         if any(
-            _alive_here(t) or (heartbeat and not str(t.user_attrs.get("worker", "")).startswith(here + ":"))
+            _alive_here(t)
+            or (heartbeat and "worker" in t.user_attrs and not str(t.user_attrs["worker"]).startswith(here + ":"))
             for t in running
         ):
             continue  # still being run by a live worker
@@ -1126,7 +1143,14 @@ def _print_summary(res: SweepResult) -> None:
     print((res.sweep_dir / "results.md").read_text() if res.rows else "(no runs)")
     bad = [r for r in res.rows if r["status"] not in OK]
     ok = len(res.rows) - len(bad)
-    print(f"sweep: {ok}/{len(res.rows)} runs ok; table: {res.sweep_dir}/results.md, plot: {res.sweep_dir}/sweep.png")
+    total = len(res.rows) + res.missing
+    print(f"sweep: {ok}/{total} runs ok; table: {res.sweep_dir}/results.md, plot: {res.sweep_dir}/sweep.png")
+    if res.missing:
+        print(
+            f"sweep: {res.missing} run(s) without an outcome (running elsewhere, or their worker died); "
+            f"deepnets --resume {res.sweep_dir} runs what is left",
+            file=sys.stderr,
+        )
 
 
 def _exit_code(res: SweepResult) -> int:

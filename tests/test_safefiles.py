@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import shutil
 import struct
 import time
@@ -681,3 +682,15 @@ def test_download_goes_through_torchvision_with_its_md5_then_reads_as_data(tmp_p
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
     with pytest.raises(UserError, match=rf"^downloading cifar10 into data.root={tmp_path / 'x'} failed: <urlopen"):
         load_splits(cfg_for(tmp_path / "x", "cifar10", "data.download=true"), seed=0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_bytes_are_never_called_truncated(tmp_path: Path, seed: int) -> None:
+    # random bytes reach the unpickler's own errors (IndexError, ...) as well as UnpicklingError
+    from deepnets.checkpoint import load_checkpoint
+
+    path = tmp_path / "random.ckpt"
+    path.write_bytes(random.Random(seed).randbytes(3000))
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path)
+    assert f"checkpoint {path} is corrupt or not a torch checkpoint (" in str(e.value), str(e.value)

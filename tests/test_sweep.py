@@ -330,6 +330,25 @@ def test_resume_runs_what_is_left_and_an_interrupted_run_again(tmp_path: Path, c
     assert len(_trials(sweep_dir)) == 4
 
 
+def test_a_run_claimed_by_a_worker_that_died_before_recording_itself_runs_again(tmp_path: Path, capsys) -> None:
+    # killed between Optuna's claim (RUNNING) and setting its `worker` attr: gone, not "running elsewhere"
+    cfg = _cfg(tmp_path, "sweep.params={model.width: [4, 8]}", "sweep.workers=0")
+    sweep_dir, _, _ = create_sweep(cfg, verbose=False)
+    assert claim(open_sweep(sweep_dir).study) is not None  # no worker attr set
+    res = resume(sweep_dir, verbose=False)
+    assert res.ok and not res.missing and [r["width"] for r in res.rows] == [4, 8]
+
+
+def test_a_sweep_with_a_run_still_running_elsewhere_is_not_ok(tmp_path: Path, capsys) -> None:
+    cfg = _cfg(tmp_path, "sweep.params={model.width: [4, 8]}", "sweep.workers=0")
+    sweep_dir, _, _ = create_sweep(cfg, verbose=False)
+    sw = open_sweep(sweep_dir)
+    t = claim(sw.study)
+    t.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # alive: this very process
+    res = resume(sweep_dir, verbose=False)
+    assert not res.ok and res.missing == 1 and len(res.rows) == 1
+
+
 def test_cli_resume_a_missing_sweep_dir_is_an_error(tmp_path: Path, capsys) -> None:
     args = ["--config", "mlp", *TINY, *FAST, f"output_dir={tmp_path}", "sweep.params={model.width: [4]}"]
     assert cli_main([*args, "--resume", str(tmp_path / "nope")]) == 2
