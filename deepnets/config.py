@@ -767,7 +767,7 @@ def load_config(name_or_path: str | None, overrides: Sequence[str] = ()) -> Conf
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections, got {_show(raw)}")
         if path.resolve().parent != CONFIGS_DIR.resolve():  # a shipped config's relative paths mean the cwd
-            _anchor_import_paths(raw, path.parent)
+            _anchor_paths(raw, path.parent)
     apply_overrides(raw, overrides)
     return from_dict(raw)
 
@@ -777,7 +777,7 @@ def load_config(name_or_path: str | None, overrides: Sequence[str] = ()) -> Conf
 IMPORT_PATH_KEYS = (("model", "arch"), ("optim", "name"))
 
 
-def _anchor_import_paths(raw: dict[str, Any], base_dir: Path) -> None:
+def _anchor_paths(raw: dict[str, Any], base_dir: Path) -> None:
     from deepnets.imports import anchor
 
     for section, key in IMPORT_PATH_KEYS:

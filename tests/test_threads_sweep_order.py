@@ -9,23 +9,9 @@ from pathlib import Path
 import pytest
 
 from deepnets import sweep as sweep_mod
-from deepnets.config import load_config
 from deepnets.sweep import _share_machine, create_sweep, grid, open_sweep, rows_of, run_order
 
-from .conftest import TINY
-
-FAST = [
-    "data.num_samples=96",
-    "trainer.max_steps=2",
-    "trainer.max_epochs=-1",
-    "logging.tensorboard=false",
-    "logging.grad_norm_every_n_steps=0",
-    "checkpoint.enabled=false",
-]
-
-
-def _cfg(tmp_path: Path, *overrides: str):
-    return load_config(None, [*TINY, *FAST, f"output_dir={tmp_path / 'runs'}", *overrides])
+from .test_sweep import _cfg  # the same tiny, fast sweep config
 
 
 def _queue(sweep_dir: Path) -> list[tuple[int, int]]:
