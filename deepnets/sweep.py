@@ -360,7 +360,7 @@ def open_storage(storage: str | None, sweep_dir: Path | None) -> Any:
         where = f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if where.startswith("sqlite") else {}
     try:
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             where,
             engine_kwargs=kwargs,
             # A worker that dies (SIGKILL, a lost node) leaves its trial RUNNING; its heartbeat stops,
@@ -372,6 +372,33 @@ def open_storage(storage: str | None, sweep_dir: Path | None) -> Any:
     except Exception as e:  # sqlalchemy OperationalError & co: one line naming the storage
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"sweep.storage: cannot open {_hide_password(where)}: {first}") from None
+    if storage.engine.dialect.name == "sqlite":
+        _serialize_sqlite(storage.engine)
+    return storage
+
+
+def _serialize_sqlite(engine: Any) -> None:
+    """Every transaction on an SQLite storage starts with BEGIN IMMEDIATE (the write lock), so that a
+    read-then-write is atomic across processes.
+
+    Optuna claims a queued trial by reading its state and setting RUNNING if it was WAITING, in one
+    transaction `SELECT ... FOR UPDATE`, which SQLite ignores; and Python's sqlite3 begins a transaction
+    only at the first write, so the read ran outside it. Two workers then both read WAITING and both ran the
+    trial (tests/test_sweep_workers.py: 68 claims of 60 trials by 4 processes). This is SQLAlchemy's
+    documented pysqlite recipe (its dialect docs, "Serializable isolation / Savepoints / Transactional DDL").
+    PostgreSQL honours FOR UPDATE and the journal storage serialises through its lock file: neither needs it.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None  # sqlite3 emits no BEGIN of its own; the listener below does
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections pooled while Optuna set up the schema predate the listeners
 
 
 def _optuna() -> Any:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from deepnets.config import load_config
-from deepnets.sweep import create_sweep, open_sweep
+from deepnets.sweep import create_sweep, open_storage, open_sweep
 
 from .conftest import ROOT, TINY
 
@@ -247,3 +247,40 @@ def test_workers_started_separately_share_one_storage(tmp_path: Path, where: str
         assert not (sweep_dir / "study.db").exists()
         assert json.loads((sweep_dir / "study.json").read_text())["study"] == study
     assert (sweep_dir / "sweep.png").stat().st_size > 1000  # the last worker to finish draws it
+
+
+_CLAIMER = """
+import json, sys, time
+from pathlib import Path
+import optuna
+from deepnets.sweep import claim, open_storage
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+storage, sweep_dir, start = sys.argv[1] or None, Path(sys.argv[2]), float(sys.argv[3])
+study = optuna.load_study(storage=open_storage(storage, sweep_dir), study_name="race")
+while time.time() < start:  # every claimer starts at once
+    pass
+print(json.dumps([t._trial_id for t in iter(lambda: claim(study), None)]))
+"""
+
+
+@pytest.mark.parametrize("where", ["sqlite", "journal", "postgresql"])
+def test_concurrent_claims_take_each_queued_trial_once(tmp_path: Path, where: str, request) -> None:
+    """Four processes emptying one queue at the same instant: every trial is claimed by exactly one of them
+    (on SQLite, Optuna's read-then-set-RUNNING was not atomic across processes until open_storage made every
+    transaction BEGIN IMMEDIATE: 68 claims of 60 trials)."""
+    import optuna
+
+    storage = {"sqlite": "", "journal": str(tmp_path / "race.journal")}.get(where)
+    if where == "postgresql":
+        storage = request.getfixturevalue("postgres_db")
+    study = optuna.create_study(storage=open_storage(storage or None, tmp_path), study_name="race")
+    for i in range(60):
+        study.enqueue_trial({"i": i}, skip_if_exists=False)
+    start = time.time() + 8  # after the four imports
+    args = [sys.executable, "-c", _CLAIMER, storage or "", str(tmp_path), str(start)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": ENV, "cwd": ROOT}
+    procs = [subprocess.Popen(args, **pipes) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    claimed = [i for out, _ in outs for i in json.loads(out)]
+    assert sorted(claimed) == sorted(t._trial_id for t in study.get_trials(deepcopy=False)), claimed
