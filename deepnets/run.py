@@ -268,7 +268,13 @@ def open_run_dir(cfg: Config, resume: Resume, stop: StopSignals) -> Iterator[Run
         run.record = RunRecord(path, cfg, resume.path, resume.step)
         run.record.write("running")
         os.environ[RUN_DIR_ENV] = str(path)  # inherited by the processes Lightning's DDP launcher starts
-        yield run
+        try:
+            yield run
+        except BaseException as e:  # failed before _fit_and_test took the record over (the LR finder, a
+            # callback's or the Trainer's constructor): metrics.json says so, not `running` (read as killed)
+            if run.record.segment["status"] == "running":
+                run.record.write("failed", str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
+            raise
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
         run.close()

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 import deepnets.module
+import deepnets.run
 from deepnets.checkpoint import load_checkpoint
 from deepnets.config import CONFIGS_DIR, load_config
 from deepnets.errors import UserError
@@ -261,6 +262,25 @@ def test_full_disk_at_metrics_json_leaves_none(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- metrics.json
+
+
+def test_metrics_json_records_a_failure_before_fit(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failures after the run directory exists but before training (the LR probe, the Trainer's constructor)
+    leave metrics.json `failed` with the error, not `running` (which a later resume reads as killed)."""
+    with pytest.raises(UserError, match="every rate diverged"):  # a real one: rates far too large for SGD
+        train(tiny("trainer.lr_probe=[1.0e+6, 1.0e+7]", "trainer.lr_probe_steps=5"))
+    m = _metrics(Path(tiny().output_dir) / "tiny" / "version_0")
+    assert m["status"] == "failed" and m["error"].startswith("trainer.lr_probe: every rate diverged"), m
+    assert [s["status"] for s in m["segments"]] == ["failed"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("trainer broke")
+
+    monkeypatch.setattr(deepnets.run, "build_trainer", broken)
+    with pytest.raises(RuntimeError, match="trainer broke"):
+        train(tiny())
+    m = _metrics(Path(tiny().output_dir) / "tiny" / "version_1")
+    assert m["status"] == "failed" and m["error"] == "RuntimeError: trainer broke", m
 
 
 def test_metrics_json_survives_a_failing_test(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
