@@ -1287,9 +1287,21 @@ _Dumper.add_representer(dict, _represent_dict)
 _Dumper.add_representer(list, _represent_list)
 
 
-def to_yaml(cfg: Config) -> str:
-    """The config as YAML that `load_config` reads back equal (a run's config.yaml)."""
-    return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+def to_yaml(cfg: Config, threads_used: int | None = None) -> str:
+    """The config as YAML that `load_config` reads back equal (a run's config.yaml). `threads_used`: the
+    count `trainer.threads: auto` resolved to in this run, written as a comment beside `auto`, which stays
+    (a comment, so that the file loaded back still means auto on another machine)."""
+    text = yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+    if threads_used is None or cfg.trainer.threads != "auto":
+        return text
+    lines, section = text.splitlines(), None
+    for i, line in enumerate(lines):
+        if not line.startswith(" "):
+            section = line.rstrip(":")
+        elif section == "trainer" and line == "  threads: auto":
+            s = "" if threads_used == 1 else "s"
+            lines[i] = f"{line}  # this run used {threads_used} thread{s} (trainer.threads: N reproduces it)"
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table() -> str:

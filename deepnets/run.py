@@ -243,8 +243,9 @@ class RunDir:
 
 
 @contextlib.contextmanager
-def open_run_dir(cfg: Config, resume: Resume, stop: StopSignals) -> Iterator[RunDir]:
-    """Make (or, resuming this run, take back) the run directory: lock it, clean it, record the config.
+def open_run_dir(cfg: Config, resume: Resume, stop: StopSignals, threads: int | None = None) -> Iterator[RunDir]:
+    """Make (or, resuming this run, take back) the run directory: lock it, clean it, record the config
+    (with the thread count used beside `trainer.threads: auto`).
 
     Called once config, data and model are known to be good, so a failure before leaves nothing.
     """
@@ -262,7 +263,7 @@ def open_run_dir(cfg: Config, resume: Resume, stop: StopSignals) -> Iterator[Run
     try:
         remove_stale_temps(path)  # ours now: temp files in it belong to a dead process
         try:
-            (path / "config.yaml").write_text(to_yaml(cfg))
+            (path / "config.yaml").write_text(to_yaml(cfg, threads))
         except OSError as e:
             raise UserError(f"cannot write {path / 'config.yaml'}: {e.strerror or e}") from None
         run.record = RunRecord(path, cfg, resume.path, resume.step)
@@ -886,7 +887,7 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
                 model.compile()  # in place: state_dict keys stay those of the plain model
         except Interrupted as e:  # nothing was written yet
             return RunResult(None, "interrupted", error=str(e), signum=e.signum)
-        with open_run_dir(cfg, origin, stop) as run:
+        with open_run_dir(cfg, origin, stop, threads) as run:
             tune = cfg.trainer.lr_find or cfg.trainer.lr_probe
             try:
                 if tune and origin.path is None:  # a resumed optimizer keeps its lr
@@ -899,7 +900,7 @@ def train(cfg: Config, resume: str | None = None, callbacks: Sequence[Callback] 
                     run.record.write(result.status, result.error)
                 return result
             # hparams.yaml and the checkpoints record the thread count used (it changes results);
-            # config.yaml keeps `auto`
+            # config.yaml keeps `auto`, with the count as a comment
             used = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, threads=threads))
             assert data.splits is not None
             module = module_from_config(model, used, data.splits.y_train)  # regression: the target statistics

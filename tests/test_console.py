@@ -103,10 +103,13 @@ def test_a_run_prints_header_bar_and_summary_only(tmp_path: Path) -> None:
     assert re.fullmatch(rf"completed: {re.escape(str(run_dir))} test/acc=\d\.\d{{4}}, .*", lines[2])
     metrics = (tmp_path / run_dir / "metrics.json").read_text()
     assert '"lr-' not in metrics  # the LR monitor's keys stay on TensorBoard
-    # the count used, beside config.yaml (which keeps `auto`)
+    # the count used: in hparams.yaml, and as a comment beside config.yaml's `auto`
     used = resolve_threads("auto", load_config(str(ROOT / "configs" / "mlp.yaml"), RUN))
     assert f"threads: {used}" in (tmp_path / run_dir / "hparams.yaml").read_text()
-    assert "threads: auto" in (tmp_path / run_dir / "config.yaml").read_text()
+    config_yaml = (tmp_path / run_dir / "config.yaml").read_text()
+    s = "" if used == 1 else "s"
+    assert f"  threads: auto  # this run used {used} thread{s} (trainer.threads: N reproduces it)\n" in config_yaml
+    assert load_config(str(tmp_path / run_dir / "config.yaml")).trainer.threads == "auto"  # loads back as auto
 
 
 def test_a_vanishing_gradient_warning_is_one_line_that_clears_the_bar(tmp_path: Path) -> None:
