@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -163,37 +164,117 @@ def _layers_of(model: MLP) -> list[list[nn.Module]]:
     return [list(layer) for layer in model.layers] + [[model.head]]
 
 
+def _alias(params: Sequence[nn.Parameter]) -> Tensor:
+    """One leaf tensor (M, ...) holding the members' parameters, which become views of it (same values)."""
+    stacked = torch.stack([p.detach() for p in params]).requires_grad_(params[0].requires_grad)
+    for m, p in enumerate(params):
+        p.data = stacked.detach()[m]
+    return stacked
+
+
+def cross_entropy(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Per-sample cross-entropy of (M, B, K) logits and (M, B) labels: (M, B), each value and gradient the one
+    F.cross_entropy gives a member's own (B, K) batch.
+
+    In torch's layout, rows of K: torch's CPU log_softmax over a leading class dimension, (1, K, M*B), runs
+    ~9x faster for K = 10 but its gradients differ in the last bit for K >= 7 (and its values for K >= 16),
+    which Adam makes visible in a Linear bias in front of BatchNorm.
+    """
+    M, B, K = logits.shape
+    return F.cross_entropy(
+        logits.reshape(M * B, K), y.reshape(-1), reduction="none", label_smoothing=label_smoothing
+    ).view(M, B)
+
+
 class ShapeGroup(nn.Module):
     """M MLPs of one shape, applied with batched matmuls: (M, B, D) -> (M, B, K).
 
-    The members' own modules hold the parameters and buffers (so each member's state_dict is a standalone
-    run's); the forward stacks them (M, out, in) each call.
+    The members' own modules hold the parameters and buffers, so each member's state_dict and optimizer
+    param groups are a standalone run's. Each Linear's weights are also held as one stacked leaf (M, out, in)
+    whose slices the members' parameters alias (`p.data` is a view of it): the forward uses the stacked
+    leaf as is, and `share_grads` hands each member the slice of its gradient (a view, no copy). Stacking
+    the members' tensors in every forward instead (`torch.stack`, then its backward's unbind and one
+    gradient accumulation per member tensor) took ~1.5 ms of a 13.5 ms double-descent step (36 members).
     """
 
     def __init__(self, members: Sequence[MLP], dropout: Sequence[float]) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.dropout = list(dropout)
-        self._layers = [_layers_of(m) for m in members]
-
-    def forward(self, x: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
-        h = x.flatten(2)  # (M, B, D)
-        for i, mods in enumerate(self._layers[0]):
+        layers = [_layers_of(m) for m in members]  # member -> layer -> modules
+        # the forward, op by op (built once: no isinstance per step): ("linear", index into self.linears),
+        # ("bn", the members' BatchNorm1d), ("act", the activation module), ("dropout", None)
+        self.plan: list[tuple[str, Any]] = []
+        self.linears: list[tuple[list[nn.Parameter], list[nn.Parameter] | None]] = []  # (weights, biases)
+        for i, mods in enumerate(layers[0]):
             for j, mod in enumerate(mods):
                 if isinstance(mod, nn.Linear):
-                    w = torch.stack([ls[i][j].weight for ls in self._layers])  # (M, out, in)
-                    if mod.bias is not None:
-                        b = torch.stack([ls[i][j].bias for ls in self._layers])  # (M, out)
-                        h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))  # (M, B, out)
-                    else:
-                        h = torch.bmm(h, w.transpose(1, 2))
+                    weights = [ls[i][j].weight for ls in layers]
+                    biases = [ls[i][j].bias for ls in layers] if mod.bias is not None else None
+                    self.plan.append(("linear", len(self.linears)))
+                    self.linears.append((weights, biases))
                 elif isinstance(mod, nn.BatchNorm1d):
-                    h = self._batch_norm(h, [ls[i][j] for ls in self._layers])
+                    self.plan.append(("bn", [ls[i][j] for ls in layers]))
                 elif isinstance(mod, nn.Dropout):
                     pass  # members differ in dropout (p = 0: no Dropout module): applied after the activation
                 else:  # an elementwise activation without parameters (layers.ACTIVATIONS)
-                    h = mod(h)
-            if i < len(self._layers[0]) - 1 and self.training and generators is not None:
+                    self.plan.append(("act", mod))
+            if i < len(layers[0]) - 1 and any(p > 0 for p in self.dropout):
+                self.plan.append(("dropout", None))
+        self.stacked: list[tuple[Tensor, Tensor | None]] = []  # per Linear: (M, out, in), (M, out)
+        self._bound_to: int | None = None
+        self.optimized: set[int] = set()  # ids of the leaves the optimizer updates itself (build_stacked_optimizer)
+        self.expose_grads = False  # give members their gradient slices even then (the gradient-flow monitors)
+
+    def bind(self) -> None:
+        """(Re)build the stacked leaves where the members' parameters no longer alias them: the first call, or
+        after a move to another device replaced their `.data` (never once the optimizer holds a leaf)."""
+        first = self.linears[0][0][0]
+        if self.stacked and first.data_ptr() == self._bound_to:
+            return
+        if self.optimized:
+            raise RuntimeError("ShapeGroup: the members' parameters were moved after the optimizer took the leaves")
+        self.stacked = [(_alias(ws), _alias(bs) if bs is not None else None) for ws, bs in self.linears]
+        self._bound_to = first.data_ptr()
+
+    def leaves(self) -> list[tuple[Tensor, list[nn.Parameter]]]:
+        """Each stacked leaf with the members' parameters it holds."""
+        pairs: list[tuple[Tensor, list[nn.Parameter]]] = []
+        for (weights, biases), (w, b) in zip(self.linears, self.stacked, strict=True):
+            pairs.append((w, weights))
+            if b is not None and biases is not None:
+                pairs.append((b, biases))
+        return pairs
+
+    def share_grads(self) -> None:
+        """After backward, for the leaves the optimizer does not update itself: each member's parameter gets its
+        slice of the stacked gradient (a view), added to what it got itself (the L1 penalty's gradient flows to
+        the member's own tensor; a sum of two is the same in either order, so this equals a standalone run's
+        accumulation bitwise). With `expose_grads` the members see their slices of the other leaves' too."""
+        for leaf, params in self.leaves():
+            if leaf.grad is None:
+                continue
+            if id(leaf) in self.optimized:
+                if self.expose_grads:
+                    for m, p in enumerate(params):
+                        p.grad = leaf.grad[m]
+                continue
+            grad, leaf.grad = leaf.grad, None
+            for m, p in enumerate(params):
+                p.grad = grad[m] if p.grad is None else p.grad + grad[m]
+
+    def forward(self, x: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
+        self.bind()
+        h = x.flatten(2)  # (M, B, D)
+        for op, arg in self.plan:
+            if op == "linear":
+                w, b = self.stacked[arg]  # (M, out, in), (M, out)
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)) if b is not None else torch.bmm(h, w.mT)
+            elif op == "bn":
+                h = self._batch_norm(h, arg)
+            elif op == "act":
+                h = arg(h)
+            elif self.training and generators is not None:
                 h = self._dropout(h, generators)
         return h  # (M, B, K)
 
@@ -295,15 +376,18 @@ class StackedClassifier(L.LightningModule):
     def __init__(self, cfgs: Sequence[Config], models: Sequence[MLP], generators: Sequence[torch.Generator]) -> None:
         super().__init__()
         self.cfgs = list(cfgs)
-        order: dict[str, list[int]] = {}
-        for i, c in enumerate(cfgs):
-            order.setdefault(shape_key(c), []).append(i)
-        self.slots = [ix for ix in order.values()]  # member indices of each shape group
+        keys = [shape_key(c) for c in cfgs]
+        # members in group order (train_stacked sorts them so): each group's inputs are a slice, a view
+        self.bounds: list[tuple[int, int]] = []
+        for i, k in enumerate(keys):
+            if i == 0 or k != keys[i - 1]:
+                self.bounds.append((i, i))
+            self.bounds[-1] = (self.bounds[-1][0], i + 1)
+        if len(self.bounds) != len(set(keys)):
+            raise ValueError("StackedClassifier: members of one shape group must be adjacent (see train_stacked)")
         self.groups = nn.ModuleList(
-            ShapeGroup([models[i] for i in ix], [cfgs[i].model.dropout for i in ix]) for ix in self.slots
+            ShapeGroup(models[a:b], [c.model.dropout for c in cfgs[a:b]]) for a, b in self.bounds
         )
-        self.perm = [i for ix in self.slots for i in ix]  # group order -> member index
-        self.inverse = torch.tensor([self.perm.index(i) for i in range(len(cfgs))])
         self.models = list(models)
         self.generators = list(generators)
         self.smoothing = cfgs[0].optim.label_smoothing
@@ -321,37 +405,34 @@ class StackedClassifier(L.LightningModule):
         self.scheduled = False
 
     def forward(self, x: Tensor, train: bool) -> Tensor:
-        """x (M, B, ...) in member order -> logits (M, B, K) in member order."""
-        outs = []
-        for ix, group in zip(self.slots, self.groups, strict=True):
-            gens = [self.generators[i] for i in ix] if train else None
-            outs.append(group(x[ix] if len(ix) < x.shape[0] else x, gens))
-        return torch.cat(outs)[self.inverse.to(x.device)] if len(outs) > 1 else outs[0]
+        """x (M, B, ...) -> logits (M, B, K), members in order."""
+        outs = [
+            group(x[a:b], self.generators[a:b] if train else None)
+            for (a, b), group in zip(self.bounds, self.groups, strict=True)
+        ]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _sums(self, stage: int, logits: Tensor, y: Tensor) -> Tensor:
-        M, B, K = logits.shape
-        losses = F.cross_entropy(logits.reshape(M * B, K), y.reshape(-1), reduction="none").view(M, B)
+        losses = cross_entropy(logits, y)  # (M, B)
         with torch.no_grad():
             s = self.sums[stage]
             s[0] += losses.detach().sum(1)
             s[1] += (logits.detach().argmax(2) == y).sum(1)
-            s[2] += B
+            s[2] += logits.shape[1]
         return losses
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch  # (M, B, ...), (M, B)
         logits = self(x, train=True)  # (M, B, K)
-        M, B, K = logits.shape
-        per = F.cross_entropy(
-            logits.reshape(M * B, K), y.reshape(-1), reduction="none", label_smoothing=self.smoothing
-        ).view(M, B)
-        loss = per.mean(1)  # (M,): each member's mean loss, as its standalone step
+        B = logits.shape[1]
+        loss = cross_entropy(logits, y, self.smoothing).mean(1)  # (M,): each member's mean loss, as standalone
         with torch.no_grad():
             s = self.sums[0]
             s[0] += loss.detach() * B  # the standalone RunningMean: mean * n per batch
             s[1] += (logits.detach().argmax(2) == y).sum(1)
             s[2] += B
         ce = loss.detach()  # (M,): train/loss_step, without the L1 term
+        M = len(self.models)
         pen: list[Tensor | None] = [None] * M
         if any(self.l1):
             pen = [
@@ -366,6 +447,10 @@ class StackedClassifier(L.LightningModule):
                 w.log_metrics({"train/loss_step": v, **extra, "epoch": epoch}, step)
         self._last_loss = loss.detach()
         return loss.sum()  # d(sum)/d(loss_m) = 1: each member gets its standalone gradient
+
+    def on_after_backward(self) -> None:
+        for group in self.groups:
+            group.share_grads()  # before the monitors (on_before_optimizer_step) and the optimizer read them
 
     def on_train_start(self) -> None:
         if self.stop_check is not None:
@@ -432,7 +517,15 @@ class StackedClassifier(L.LightningModule):
         self._close(2, "test")
 
     def configure_optimizers(self) -> Any:
-        optimizer, self.member_groups = build_stacked_optimizer(self.models, self.cfgs)
+        leaves = []
+        for group in self.groups:
+            group.bind()  # Lightning has moved the members to their device: the leaves live there too
+            leaves += group.leaves()
+        if any(self.l1):  # the L1 penalty's gradient lands on the members' own tensors: they stay in the optimizer
+            leaves = []
+        optimizer, self.member_groups, taken = build_stacked_optimizer(self.models, self.cfgs, leaves)
+        for group in self.groups:
+            group.optimized = taken
         self.scheduled = False
         sched = self.cfgs[0].scheduler
         if sched.name == "none" and not sched.warmup_steps:
@@ -454,14 +547,22 @@ _GROUP_HYPER = {
 
 
 def build_stacked_optimizer(
-    models: Sequence[nn.Module], cfgs: Sequence[Config]
-) -> tuple[torch.optim.Optimizer, list[list[int]]]:
+    models: Sequence[nn.Module],
+    cfgs: Sequence[Config],
+    leaves: Sequence[tuple[Tensor, Sequence[nn.Parameter]]] = (),
+) -> tuple[torch.optim.Optimizer, list[list[int]], set[int]]:
     """One optimizer over every member's own param groups (its `param_groups` with its hyperparameters set
     per group), groups of equal hyperparameters merged; the kind `build_optimizer` builds for one run.
-    Also each member's groups' indices in it, in the member's own group order."""
+    Also each member's groups' indices in it, in the member's own group order.
+
+    `leaves`: stacked tensors (M, ...) with the members' parameters they hold. A leaf whose members' parameters
+    all fall in one merged group stands in for them there (one tensor instead of M: ~1 ms less per step for
+    the double-descent sweep's 144 tensors; the update is elementwise, so no bit changes). The ids of the
+    leaves so taken are returned last."""
     name = cfgs[0].optim.name
     merged: dict[str, dict[str, Any]] = {}
     where: list[list[int]] = []
+    key_of: dict[int, str] = {}  # id(member parameter) -> its merged group
     for model, cfg in zip(models, cfgs, strict=True):
         o = cfg.optim
         own = {
@@ -478,8 +579,21 @@ def build_stacked_optimizer(
         for g in param_groups(model, o):
             hyper = {k: own[k] for k in _GROUP_HYPER[name]} | {"weight_decay": g["weight_decay"]}
             key = json.dumps(hyper, sort_keys=True)
-            merged.setdefault(key, {**hyper, "params": []})["params"] += g["params"]
+            merged.setdefault(key, {**hyper, "params": []})
+            key_of |= {id(p): key for p in g["params"]}
             where[-1].append(list(merged).index(key))
+    taken: set[int] = set()
+    held: set[int] = set()  # member parameters a taken leaf stands in for
+    for leaf, params in leaves:
+        keys = {key_of.get(id(p)) for p in params}
+        if len(keys) == 1 and None not in keys:
+            merged[keys.pop()]["params"].append(leaf)
+            taken.add(id(leaf))
+            held |= {id(p) for p in params}
+    for model in models:
+        for p in model.parameters():
+            if id(p) in key_of and id(p) not in held:
+                merged[key_of[id(p)]]["params"].append(p)
     cls = {
         "sgd": torch.optim.SGD,
         "adam": torch.optim.Adam,
@@ -487,10 +601,12 @@ def build_stacked_optimizer(
         "rmsprop": torch.optim.RMSprop,
         "adagrad": torch.optim.Adagrad,
     }[name]
-    groups = list(merged.values())
+    groups = [g for g in merged.values() if g["params"]]
+    if len(groups) != len(merged):
+        raise AssertionError("build_stacked_optimizer: a parameter group lost its parameters")
     if name == "rmsprop":  # as build_optimizer: no fused kernel
-        return cls(groups, foreach=True), where
-    return _fast(cls, groups), where
+        return cls(groups, foreach=True), where, taken
+    return _fast(cls, groups), where, taken
 
 
 # ---------------------------------------------------------------- the run
@@ -534,7 +650,7 @@ def _open_member(m: Member, threads: int) -> None:
     m.lock = RunLock(m.run_dir)
     m.lock.acquire()
     try:
-        (m.run_dir / "config.yaml").write_text(to_yaml(m.cfg))
+        (m.run_dir / "config.yaml").write_text(to_yaml(m.cfg, threads))
     except OSError as e:
         raise UserError(f"cannot write {m.run_dir / 'config.yaml'}: {e.strerror or e}") from None
     m.record = RunRecord(m.run_dir, m.cfg, None, 0)
@@ -566,22 +682,65 @@ def train_stacked(cfgs: Sequence[Config], *, quiet: bool = True) -> list[Any]:
     Each member gets its own run directory (config.yaml, metrics.json, checkpoints/last.ckpt where
     checkpoint.enabled); nothing is written until data and models are built.
     """
-    from deepnets.run import Interrupted, RunResult, StopSignals, apply_threads, resolve_threads
-
     if not cfgs:
         return []
+    group_of: dict[str, int] = {}
+    for c in cfgs:
+        group_of.setdefault(shape_key(c), len(group_of))
+    order = sorted(range(len(cfgs)), key=lambda i: group_of[shape_key(cfgs[i])])  # stable: seeds keep their order
+    results = _train_grouped([cfgs[i] for i in order], quiet)
+    back = {i: k for k, i in enumerate(order)}
+    return [results[back[i]] for i in range(len(cfgs))]
+
+
+def stacked_threads(cfgs: Sequence[Config]) -> int:
+    """The thread count of a stacked run: `trainer.threads: N` (or OMP_NUM_THREADS) as given; for `auto`, what
+    auto picks for the stacked computation, one model with the FLOPs of all members together (36 double-descent
+    nets: 2 threads on an idle 2-core machine, 1 next to a busy process), where the thread count cannot change
+    a member's numbers; else the count each member's standalone run would pick.
+
+    Per member the stacked ops are batched matmuls (each member's product computed whole, whatever the
+    threads), elementwise ops, dropout masks from the member's own generator and row-wise cross-entropy: their
+    results do not depend on the thread count (tests/test_stacked.py: bitwise at 1 and 2 threads). BatchNorm's
+    batch statistics do (its reductions split across threads): with BatchNorm, the members' standalone count
+    keeps them equal to their standalone runs (auto gives small nets 1 thread; the smallest where they differ).
+    """
+    from deepnets.run import (
+        _TORCH_THREADS,
+        SMALL_FORWARD_FLOPS,
+        auto_threads,
+        available_cores,
+        forward_flops,
+        resolve_threads,
+        sample_busy,
+    )
+
+    requested = cfgs[0].trainer.threads  # one run key: the members agree
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if requested != "auto" or (omp.isdigit() and int(omp) > 0):
+        return resolve_threads(requested)
+    shapes = {shape_key(c): c for c in cfgs}
+    if any(c.model.batch_norm for c in cfgs):
+        return min(resolve_threads("auto", c) for c in shapes.values())
+    cores = available_cores()
+    flops_of = {k: forward_flops(c) for k, c in shapes.items()} if cores > 1 else {}
+    known = [f for f in flops_of.values() if f is not None]
+    total = sum(flops_of[shape_key(c)] or 0.0 for c in cfgs) if len(known) == len(flops_of) and known else None
+    busy = sample_busy() if total is not None and total >= SMALL_FORWARD_FLOPS else None
+    return auto_threads(cores, busy, total, _TORCH_THREADS)
+
+
+def _train_grouped(cfgs: Sequence[Config], quiet: bool) -> list[Any]:
+    """train_stacked with the members of each shape group side by side."""
+    from deepnets.run import Interrupted, RunResult, StopSignals, apply_threads
+
     keys = {run_key(c) for c in cfgs}
     if len(keys) > 1:
         raise ValueError("train_stacked: the configs differ in keys that must agree (group them with run_key)")
     for c in cfgs:
         check_vectorize(c)
         check_runtime(c)
-    # the count each member's standalone run would pick (auto: by its own FLOPs): the same count keeps the
-    # same reduction order, so the members stay equal to their standalone runs; where members would differ,
-    # the smallest (auto gives small nets 1 thread; sampling the load per distinct net costs 0.15 s each)
-    threads = apply_threads(
-        min({resolve_threads(c.trainer.threads, c) for c in {shape_key(c): c for c in cfgs}.values()})
-    )
+    threads = apply_threads(stacked_threads(cfgs))
     members = [Member(c) for c in cfgs]
     with StopSignals() as stop:
         try:
@@ -638,6 +797,8 @@ def _fit_stacked(
     )
     module.writers = writers
     callbacks = [MemberMonitors(members, models, writers)] if cfg.logging.grad_norm_every_n_steps > 0 else []
+    for group in module.groups:
+        group.expose_grads = bool(callbacks)  # the monitors read each member's own gradients
     with _quiet(quiet):
         trainer = L.Trainer(
             callbacks=callbacks,

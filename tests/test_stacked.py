@@ -108,19 +108,26 @@ def test_members_equal_their_standalone_runs(tmp_path: Path, case: str) -> None:
 
 
 def test_member_metrics_are_its_model_applied_by_hand(tmp_path: Path) -> None:
-    """test/acc and test/loss of each member from its final weights on the test split, in plain PyTorch."""
+    """val/* and test/* of each member from its final weights (the last validation and the test see them), on
+    the whole split in plain PyTorch with float64 sums; evaluated in batches of 25, so the last batch is smaller
+    (val 48 = 25 + 23, test 60 = 2 x 25 + 10): a mean of batch means would miss."""
     from deepnets.data import InMemoryDataModule
 
-    cfgs = [_cfg(tmp_path, i, f"model.width={w}") for i, w in enumerate([4, 12])]
+    cfgs = [_cfg(tmp_path, i, f"model.width={w}", "data.eval_batch_size=25") for i, w in enumerate([4, 12, 4])]
     results = train_stacked(cfgs)
     dm = InMemoryDataModule(cfgs[0].data, 0)
     dm.setup("fit")
-    x, y = dm.splits.x_test, dm.splits.y_test
+    splits = {"val": (dm.splits.x_val, dm.splits.y_val), "test": (dm.splits.x_test, dm.splits.y_test)}
+    assert (len(splits["val"][1]), len(splits["test"][1])) == (48, 60)
     for r in results:
-        with torch.no_grad():
-            logits = r.model.eval()(x)
-        assert r.metrics["test/acc"] == pytest.approx(float((logits.argmax(1) == y).float().mean()), rel=1e-6)
-        assert r.metrics["test/loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+        for name, (x, y) in splits.items():
+            with torch.no_grad():
+                logits = r.model.eval()(x)
+            losses = F.cross_entropy(logits, y, reduction="none").double()
+            assert r.metrics[f"{name}/loss"] == pytest.approx(float(losses.mean()), rel=1e-6), name
+            assert r.metrics[f"{name}/acc"] == pytest.approx(float((logits.argmax(1) == y).double().mean()), abs=1e-7)
+            batch_means = [float(b.mean()) for b in losses.split(25)]
+            assert abs(sum(batch_means) / len(batch_means) - float(losses.mean())) > 1e-4  # the check can fail
 
 
 def test_member_checkpoint_exports_and_evaluates_to_its_test_metrics(tmp_path: Path) -> None:
@@ -251,21 +258,66 @@ def _scalars(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], list[st
     return scalars, sorted(ea.Tags()["tensors"] + ea.Tags()["images"])
 
 
-def test_member_tensorboard_run_is_the_standalone_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("l1", [True, False])  # with L1 the members' own tensors are optimized, else the stacked
+def test_member_tensorboard_run_is_the_standalone_one(tmp_path: Path, l1: bool) -> None:
     """Every scalar tag (step losses, epoch metrics, lr per param group, the gradient-flow monitor's norms,
     final/...) at the same steps with the same values, the same hparams-plugin summaries and images,
     gradient_flow.png and hparams.yaml."""
-    extra = ["logging.tensorboard=true", "trainer.log_every_n_steps=3", "optim.l1=1e-4", "scheduler.name=cosine"]
-    extra += ["logging.grad_norm_every_n_steps=2"]
+    extra = ["logging.tensorboard=true", "trainer.log_every_n_steps=3", "scheduler.name=cosine"]
+    extra += ["logging.grad_norm_every_n_steps=2", *(["optim.l1=1e-4"] if l1 else [])]
     cfgs = [_cfg(tmp_path, s, *extra) for s in (0, 1)]
     alone = train(cfgs[0])
     member = train_stacked(cfgs)[0]
     (a, a_tensors), (b, b_tensors) = _scalars(alone.run_dir), _scalars(member.run_dir)
     assert sorted(a) == sorted(b) and a_tensors == b_tensors
-    assert {"train/loss_step", "train/l1", "lr-SGD/pg1", "val/acc", "test/loss", "final/status"} <= set(a)
+    assert {"train/loss_step", "lr-SGD/pg1", "val/acc", "test/loss", "final/status"} <= set(a)
+    assert ("train/l1" in a) == l1
     assert {"grad_norm/global", "grad_norm/first_over_last"} <= set(a) and "gradient_flow/figure" in a_tensors
     assert (member.run_dir / "gradient_flow.png").stat().st_size > 1000
     for tag in a:
         assert [s for s, _ in b[tag]] == [s for s, _ in a[tag]], tag
         assert [v for _, v in b[tag]] == pytest.approx([v for _, v in a[tag]], rel=1e-5), tag
     assert (member.run_dir / "hparams.yaml").read_text() == (alone.run_dir / "hparams.yaml").read_text()
+
+
+@pytest.mark.parametrize("case", ["adam", "widths_cosine_dropout_l1", "adamw_bn_dropout"])
+def test_a_member_is_the_same_at_one_and_two_threads_unless_batchnorm(tmp_path: Path, case: str, monkeypatch) -> None:
+    """What lets a stacked run take a second thread (stacked_threads): batched matmuls, dropout from each
+    member's generator and row-wise cross-entropy give the same bits at 1 and 2 threads. BatchNorm's batch
+    statistics do not, so with BatchNorm stacked_threads keeps the members' standalone count."""
+    import deepnets.stacked
+
+    runs = []
+    for threads in (1, 2):
+        monkeypatch.setattr(deepnets.stacked, "stacked_threads", lambda cfgs, n=threads: n)
+        cfgs = [_cfg(tmp_path / str(threads), i, *o, "trainer.max_epochs=4") for i, o in enumerate(CASES[case])]
+        runs.append(train_stacked(cfgs))
+    same = all(
+        torch.equal(a.model.state_dict()[k], b.model.state_dict()[k]) and a.metrics == b.metrics
+        for a, b in zip(*runs, strict=True)
+        for k in a.model.state_dict()
+    )
+    assert same == ("bn" not in case)
+
+
+def test_stacked_threads_rule(tmp_path: Path, monkeypatch) -> None:
+    import deepnets.run
+    from deepnets.stacked import stacked_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    widths = [4, 8, 16, 24, 32, 40, 48, 64, 96, 128, 256, 512]
+    dd = [load_config("double_descent", [f"model.width={w}", f"seed={s}"]) for w in widths for s in range(3)]
+    monkeypatch.setattr(deepnets.run, "available_cores", lambda: 2)
+    monkeypatch.setattr(deepnets.run, "sample_busy", lambda seconds=0.15: 0.0)  # an idle machine
+    assert all(deepnets.run.resolve_threads("auto", c) == 1 for c in dd[::3])  # each net alone: 1
+    assert stacked_threads(dd) == 2  # the 36 together: a second thread pays
+    monkeypatch.setattr(deepnets.run, "sample_busy", lambda seconds=0.15: 1.0)  # one core taken by another process
+    assert stacked_threads(dd) == 1
+    assert stacked_threads(dd[:2]) == 1  # two tiny nets: below SMALL_FORWARD_FLOPS, no sampling needed
+    monkeypatch.setattr(deepnets.run, "sample_busy", lambda seconds=0.15: 0.0)
+    with_bn = [dataclasses.replace(c, model=dataclasses.replace(c.model, batch_norm=True)) for c in dd]
+    assert stacked_threads(with_bn) == 1  # BatchNorm: the members' standalone count
+    fixed = [dataclasses.replace(c, trainer=dataclasses.replace(c.trainer, threads=3)) for c in dd]
+    assert stacked_threads(fixed) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert stacked_threads(dd) == 1
