@@ -59,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    console.configure()  # drop the libraries' banners and warnings about their own internals
     if argv[:1] == ["compare"]:  # `deepnets compare RUN_DIR... [--out DIR]`
         from deepnets.compare import main as compare_main
 
@@ -68,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
     args = parser().parse_args(argv)
-    console.configure()  # drop the libraries' banners and warnings about their own internals
     try:
         return _main(args)
     except UserError as e:
