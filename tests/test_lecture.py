@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from deepnets.experiments import autodiff, depth, initialisation, optimizers
+from deepnets.experiments.__main__ import EXPERIMENTS
 
 CPU = torch.device("cpu")
 
@@ -242,6 +244,25 @@ def test_cli_quick_init_writes_a_fresh_version(tmp_path: Path) -> None:
     out = tmp_path / "init" / "version_1"
     assert (out / "init.md").exists() and (out / "init.png").stat().st_size > 1000
     assert "agrees with the lecture?" in r.stdout and str(out) in r.stdout
+    assert _noise(r.stderr) == [], r.stderr
+
+
+# What a library prints about itself (deprecations, banners, advertisements): never in an experiment's output.
+NOISE = ("Warning", "warn(", "deprecated", "GPU available", "TPU available", "Tip:", "litlogger", "LOCAL_RANK")
+
+
+def _noise(text: str) -> list[str]:
+    return [line for line in text.splitlines() if any(n in line for n in NOISE)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_every_quick_experiment_prints_no_library_noise(tmp_path: Path, name: str) -> None:
+    cmd = [sys.executable, "-m", "deepnets.experiments", name, "--quick", "--out", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # warnings as a user sees them
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _noise(r.stdout + r.stderr) == [], r.stdout + r.stderr
 
 
 def test_cli_bad_flag_is_one_error_line_and_writes_nothing(tmp_path: Path) -> None:

@@ -154,6 +154,15 @@ def test_signal_in_phase(tmp_path: Path, phase: str, sig: signal.Signals) -> Non
         assert done["status"] == "completed" and "test/acc" in done["metrics"]
         assert [s["status"] for s in done["segments"]] == ["interrupted", "completed"]
         assert done["steps"] == 2 * STEPS_PER_EPOCH
+        first, second = done["segments"]
+        assert first["wall_seconds"] == metrics["wall_seconds"] and first["end_step"] == steps  # kept as it was
+        assert second["start_step"] == steps and second["end_step"] == 2 * STEPS_PER_EPOCH
+        assert second["resumed_from"] == "checkpoints/last.ckpt"
+        assert abs(done["wall_seconds"] - first["wall_seconds"] - second["wall_seconds"]) < 0.002  # the total
+        if metrics["best_checkpoint"] is not None:  # the best before the interrupt, or a better one since
+            assert not Path(done["best_checkpoint"]).is_absolute() and (run / done["best_checkpoint"]).is_file()
+        if phase == "final_validation":  # epoch 1 ended before the signal: its checkpoint was the best
+            assert metrics["best_checkpoint"] is not None, metrics
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
