@@ -165,10 +165,13 @@ def _layers_of(model: MLP) -> list[list[nn.Module]]:
 
 
 def _alias(params: Sequence[nn.Parameter]) -> Tensor:
-    """One leaf tensor (M, ...) holding the members' parameters, which become views of it (same values)."""
+    """One leaf tensor (M, ...) holding the members' parameters, which become views of it (same values), with
+    a zeroed gradient whose slices become the members' gradients."""
     stacked = torch.stack([p.detach() for p in params]).requires_grad_(params[0].requires_grad)
+    stacked.grad = torch.zeros_like(stacked)
     for m, p in enumerate(params):
         p.data = stacked.detach()[m]
+        p.grad = stacked.grad[m]
     return stacked
 
 
@@ -191,8 +194,9 @@ class ShapeGroup(nn.Module):
 
     The members' own modules hold the parameters and buffers, so each member's state_dict and optimizer
     param groups are a standalone run's. Each Linear's weights are also held as one stacked leaf (M, out, in)
-    whose slices the members' parameters alias (`p.data` is a view of it): the forward uses the stacked
-    leaf as is, and `share_grads` hands each member the slice of its gradient (a view, no copy). Stacking
+    whose slices the members' parameters alias (`p.data` is a view of it), and so are their gradients
+    (`p.grad` is a view of the leaf's, which is zeroed rather than dropped: `stacked_grads`): the forward
+    uses the stacked leaf as is and autograd accumulates into the members' gradients directly. Stacking
     the members' tensors in every forward instead (`torch.stack`, then its backward's unbind and one
     gradient accumulation per member tensor) took ~1.5 ms of a 13.5 ms double-descent step (36 members).
     """
@@ -223,45 +227,33 @@ class ShapeGroup(nn.Module):
                 self.plan.append(("dropout", None))
         self.stacked: list[tuple[Tensor, Tensor | None]] = []  # per Linear: (M, out, in), (M, out)
         self._bound_to: int | None = None
-        self.optimized: set[int] = set()  # ids of the leaves the optimizer updates itself (build_stacked_optimizer)
-        self.expose_grads = False  # give members their gradient slices even then (the gradient-flow monitors)
 
     def bind(self) -> None:
         """(Re)build the stacked leaves where the members' parameters no longer alias them: the first call, or
-        after a move to another device replaced their `.data` (never once the optimizer holds a leaf)."""
+        after a move to another device replaced their `.data`."""
         first = self.linears[0][0][0]
         if self.stacked and first.data_ptr() == self._bound_to:
             return
-        if self.optimized:
-            raise RuntimeError("ShapeGroup: the members' parameters were moved after the optimizer took the leaves")
         self.stacked = [(_alias(ws), _alias(bs) if bs is not None else None) for ws, bs in self.linears]
         self._bound_to = first.data_ptr()
 
-    def leaves(self) -> list[tuple[Tensor, list[nn.Parameter]]]:
-        """Each stacked leaf with the members' parameters it holds."""
-        pairs: list[tuple[Tensor, list[nn.Parameter]]] = []
-        for (weights, biases), (w, b) in zip(self.linears, self.stacked, strict=True):
-            pairs.append((w, weights))
-            if b is not None and biases is not None:
-                pairs.append((b, biases))
-        return pairs
-
-    def share_grads(self) -> None:
-        """After backward, for the leaves the optimizer does not update itself: each member's parameter gets its
-        slice of the stacked gradient (a view), added to what it got itself (the L1 penalty's gradient flows to
-        the member's own tensor; a sum of two is the same in either order, so this equals a standalone run's
-        accumulation bitwise). With `expose_grads` the members see their slices of the other leaves' too."""
-        for leaf, params in self.leaves():
-            if leaf.grad is None:
-                continue
-            if id(leaf) in self.optimized:
-                if self.expose_grads:
-                    for m, p in enumerate(params):
-                        p.grad = leaf.grad[m]
-                continue
-            grad, leaf.grad = leaf.grad, None
-            for m, p in enumerate(params):
-                p.grad = grad[m] if p.grad is None else p.grad + grad[m]
+    def stacked_grads(self) -> list[Tensor]:
+        """The stacked gradients, with the members' gradients the views of them that `_alias` made; where
+        something dropped the members' gradients (`Module.zero_grad()` sets them all to None), the views are
+        made again. Zeroed in place rather than dropped (StackedClassifier._zero_grad), autograd adds into
+        them: 0 + g is g bit for bit, and with the L1 penalty's gradient (which reaches the member's own
+        tensor) 0 + a + b is a + b in either order, as in a standalone run."""
+        if not self.stacked:
+            return []
+        first, leaf = self.linears[0][0][0], self.stacked[0][0]
+        if first.grad is None or leaf.grad is None or first.grad.data_ptr() != leaf.grad.data_ptr():
+            for (weights, biases), (w, b) in zip(self.linears, self.stacked, strict=True):
+                for params, t in ((weights, w), (biases, b)):
+                    if params is not None and t is not None:
+                        t.grad = torch.zeros_like(t) if t.grad is None else t.grad
+                        for m, p in enumerate(params):
+                            p.grad = t.grad[m]
+        return [t.grad for pair in self.stacked for t in pair if t is not None]  # type: ignore[misc]
 
     def forward(self, x: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
         self.bind()
@@ -389,6 +381,8 @@ class StackedClassifier(L.LightningModule):
             ShapeGroup(models[a:b], [c.model.dropout for c in cfgs[a:b]]) for a, b in self.bounds
         )
         self.models = list(models)
+        aliased = {id(p) for g in self.groups for ws, bs in g.linears for p in [*ws, *(bs or [])]}
+        self.unaliased = [p for m in models for p in m.parameters() if id(p) not in aliased]  # BatchNorm's
         self.generators = list(generators)
         self.smoothing = cfgs[0].optim.label_smoothing
         self.l1 = [c.optim.l1 for c in cfgs]
@@ -448,9 +442,18 @@ class StackedClassifier(L.LightningModule):
         self._last_loss = loss.detach()
         return loss.sum()  # d(sum)/d(loss_m) = 1: each member gets its standalone gradient
 
-    def on_after_backward(self) -> None:
-        for group in self.groups:
-            group.share_grads()  # before the monitors (on_before_optimizer_step) and the optimizer read them
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Lightning's `optimizer.zero_grad()` drops every gradient (set_to_none): the stacked ones are zeroed
+        in place instead, so that the members' gradients stay views of them; the others (BatchNorm's) dropped."""
+        self._zero_grad()
+
+    def on_validation_model_zero_grad(self) -> None:
+        self._zero_grad()  # Lightning's default, `self.zero_grad(set_to_none=True)`, would drop the views
+
+    def _zero_grad(self) -> None:
+        torch._foreach_zero_([g for group in self.groups for g in group.stacked_grads()])
+        for p in self.unaliased:
+            p.grad = None
 
     def on_train_start(self) -> None:
         if self.stop_check is not None:
@@ -517,15 +520,7 @@ class StackedClassifier(L.LightningModule):
         self._close(2, "test")
 
     def configure_optimizers(self) -> Any:
-        leaves = []
-        for group in self.groups:
-            group.bind()  # Lightning has moved the members to their device: the leaves live there too
-            leaves += group.leaves()
-        if any(self.l1):  # the L1 penalty's gradient lands on the members' own tensors: they stay in the optimizer
-            leaves = []
-        optimizer, self.member_groups, taken = build_stacked_optimizer(self.models, self.cfgs, leaves)
-        for group in self.groups:
-            group.optimized = taken
+        optimizer, self.member_groups = build_stacked_optimizer(self.models, self.cfgs)
         self.scheduled = False
         sched = self.cfgs[0].scheduler
         if sched.name == "none" and not sched.warmup_steps:
@@ -547,22 +542,20 @@ _GROUP_HYPER = {
 
 
 def build_stacked_optimizer(
-    models: Sequence[nn.Module],
-    cfgs: Sequence[Config],
-    leaves: Sequence[tuple[Tensor, Sequence[nn.Parameter]]] = (),
-) -> tuple[torch.optim.Optimizer, list[list[int]], set[int]]:
+    models: Sequence[nn.Module], cfgs: Sequence[Config]
+) -> tuple[torch.optim.Optimizer, list[list[int]]]:
     """One optimizer over every member's own param groups (its `param_groups` with its hyperparameters set
     per group), groups of equal hyperparameters merged; the kind `build_optimizer` builds for one run.
     Also each member's groups' indices in it, in the member's own group order.
 
-    `leaves`: stacked tensors (M, ...) with the members' parameters they hold. A leaf whose members' parameters
-    all fall in one merged group stands in for them there (one tensor instead of M: ~1 ms less per step for
-    the double-descent sweep's 144 tensors; the update is elementwise, so no bit changes). The ids of the
-    leaves so taken are returned last."""
+    Each member's tensors stay separate in it (views of the stacked leaves), never the stacked leaf itself:
+    the fused kernels take the last `numel % vector width` elements of a tensor down a scalar path, so a leaf
+    (M, ...) would round some of a member's elements differently from its standalone run (1 ulp, which
+    2,000 Adam steps grew into other test errors for 9 of the 36 double-descent nets; ~0.5 ms per step
+    faster). Merging equal groups is exact: a group is a list of tensors, each updated as alone."""
     name = cfgs[0].optim.name
     merged: dict[str, dict[str, Any]] = {}
     where: list[list[int]] = []
-    key_of: dict[int, str] = {}  # id(member parameter) -> its merged group
     for model, cfg in zip(models, cfgs, strict=True):
         o = cfg.optim
         own = {
@@ -579,21 +572,8 @@ def build_stacked_optimizer(
         for g in param_groups(model, o):
             hyper = {k: own[k] for k in _GROUP_HYPER[name]} | {"weight_decay": g["weight_decay"]}
             key = json.dumps(hyper, sort_keys=True)
-            merged.setdefault(key, {**hyper, "params": []})
-            key_of |= {id(p): key for p in g["params"]}
+            merged.setdefault(key, {**hyper, "params": []})["params"] += g["params"]
             where[-1].append(list(merged).index(key))
-    taken: set[int] = set()
-    held: set[int] = set()  # member parameters a taken leaf stands in for
-    for leaf, params in leaves:
-        keys = {key_of.get(id(p)) for p in params}
-        if len(keys) == 1 and None not in keys:
-            merged[keys.pop()]["params"].append(leaf)
-            taken.add(id(leaf))
-            held |= {id(p) for p in params}
-    for model in models:
-        for p in model.parameters():
-            if id(p) in key_of and id(p) not in held:
-                merged[key_of[id(p)]]["params"].append(p)
     cls = {
         "sgd": torch.optim.SGD,
         "adam": torch.optim.Adam,
@@ -601,12 +581,10 @@ def build_stacked_optimizer(
         "rmsprop": torch.optim.RMSprop,
         "adagrad": torch.optim.Adagrad,
     }[name]
-    groups = [g for g in merged.values() if g["params"]]
-    if len(groups) != len(merged):
-        raise AssertionError("build_stacked_optimizer: a parameter group lost its parameters")
+    groups = list(merged.values())
     if name == "rmsprop":  # as build_optimizer: no fused kernel
-        return cls(groups, foreach=True), where, taken
-    return _fast(cls, groups), where, taken
+        return cls(groups, foreach=True), where
+    return _fast(cls, groups), where
 
 
 # ---------------------------------------------------------------- the run
@@ -739,6 +717,10 @@ def _train_grouped(cfgs: Sequence[Config], quiet: bool) -> list[Any]:
         raise ValueError("train_stacked: the configs differ in keys that must agree (group them with run_key)")
     for c in cfgs:
         check_vectorize(c)
+    # once per distinct trainer and data settings (one run key: the trainer agrees; the data differs at most in
+    # label_noise): it builds a Trainer to see that this machine can run it, ~8 ms each
+    runtime = {json.dumps([dataclasses.asdict(c.trainer), dataclasses.asdict(c.data)], default=str): c for c in cfgs}
+    for c in runtime.values():
         check_runtime(c)
     threads = apply_threads(stacked_threads(cfgs))
     members = [Member(c) for c in cfgs]
@@ -797,8 +779,6 @@ def _fit_stacked(
     )
     module.writers = writers
     callbacks = [MemberMonitors(members, models, writers)] if cfg.logging.grad_norm_every_n_steps > 0 else []
-    for group in module.groups:
-        group.expose_grads = bool(callbacks)  # the monitors read each member's own gradients
     with _quiet(quiet):
         trainer = L.Trainer(
             callbacks=callbacks,
@@ -987,6 +967,8 @@ def _quiet(on: bool) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*`training_step` returned.*")
+            # no validation split (limit_val_batches: 0, val_fraction: 0): no val loader, as intended
+            warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
             yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
