@@ -322,7 +322,8 @@ class StackedBatches:
 
     def indices(self, epoch: int) -> Tensor:
         n = self.x.shape[0]
-        return torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s + epoch)) for s in self.seeds])
+        order = {s: torch.randperm(n, generator=torch.Generator().manual_seed(s + epoch)) for s in set(self.seeds)}
+        return torch.stack([order[s] for s in self.seeds])  # (M, N): members of one seed share their order
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.position >= len(self):

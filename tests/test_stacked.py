@@ -321,3 +321,21 @@ def test_stacked_threads_rule(tmp_path: Path, monkeypatch) -> None:
     assert stacked_threads(fixed) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert stacked_threads(dd) == 1
+
+
+def test_stacked_sweep_without_validation_prints_no_library_warning(tmp_path: Path) -> None:
+    """A user's stacked sweep with no validation split (as the double-descent config): its output is deepnets'
+    own lines, no Lightning warning about the validation loop it deliberately leaves out."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    args = [sys.executable, str(ROOT / "train.py"), "--config", "mlp", *BASE, f"output_dir={tmp_path}", *SWEEP]
+    args += ["sweep.vectorize=true", "data.val_fraction=0", "trainer.limit_val_batches=0"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # warnings as a user sees them
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noise = [line for line in (proc.stdout + proc.stderr).splitlines() if "arning" in line or "warn(" in line]
+    assert noise == [], proc.stdout + proc.stderr
+    assert "sweep: 4/4 runs ok" in proc.stdout

@@ -42,8 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from deepnets.config import Config, load_config
 from deepnets.errors import UserError
 from deepnets.experiments.common import base_parser, new_run_dir, plt, save_figure, write_table
@@ -204,25 +202,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ridge-config", default="double_descent_ridge", help="(default configs/double_descent_ridge)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's sweep.seeds)")
     p.add_argument("--interp-tol", type=float, default=0.01, help="train error counted as interpolation (0.01)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: these nets are tiny)")
+    p.add_argument(
+        "--threads", default="auto", help="trainer.threads of every run (default auto: 1 per net, 2 for the stacked 36)"
+    )
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="applied to every config")
     args = p.parse_args(argv)
-    overrides = [*(QUICK if args.quick else []), *args.overrides]
+    overrides = [*(QUICK if args.quick else []), f"trainer.threads={args.threads}", *args.overrides]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
 
     out = new_run_dir(args.out, "double_descent")
     print(f"double descent: run directory {out}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        cfg, rows, ok = run_config(args.config, overrides, out, seeds)
-        curves = [summarise(rows, "no weight decay")]
-        if args.ridge:
-            rcfg, rrows, rok = run_config(args.ridge_config, overrides, out, seeds)
-            curves.append(summarise(rrows, f"weight decay {rcfg.optim.weight_decay:g}"))
-            ok &= rok
-    finally:
-        torch.set_num_threads(threads)
+    cfg, rows, ok = run_config(args.config, overrides, out, seeds)
+    curves = [summarise(rows, "no weight decay")]
+    if args.ridge:
+        rcfg, rrows, rok = run_config(args.ridge_config, overrides, out, seeds)
+        curves.append(summarise(rrows, f"weight decay {rcfg.optim.weight_decay:g}"))
+        ok &= rok
 
     base = curves[0]
     if not base.width:
