@@ -11,8 +11,11 @@ weights (val: checkpoints/last.ckpt, the weights the last validation saw; test: 
 metrics.json names, which `train()` tested and `--export` takes) and applies them by hand
 (deepnets.handeval.by_hand: per-sample losses, float64 sums) to the same splits. It compares with that:
 
-- `callback`: trainer.callback_metrics as `train()` returns them,
+- `callback`: trainer.callback_metrics as `train()` returns them (train/val/test),
 - `metrics.json`: what the run directory records,
+- `per-epoch`: every epoch's logged train and val loss and accuracy (`train/loss@2`: epoch 2), against the
+  model applied by hand to each training batch at the weights its step used, and to the val split at the
+  weights each validation saw (a callback records both during the run),
 - `evaluate()`: deepnets.export.evaluate of the run's export (what `--evaluate` runs, plain PyTorch on the CPU),
 - `--evaluate`: the CLI `deepnets --evaluate EXPORT_DIR` in a subprocess (prints 4 decimals).
 
@@ -50,6 +53,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -61,7 +65,8 @@ from torch import nn  # noqa: E402
 TRAIN_BATCH, EVAL_BATCH, EPOCHS = 64, 100, 3
 LOSS_RTOL, ACC_ATOL, PRINT_ATOL = 1e-4, 1e-6, 5e-5
 BLIND_FACTOR = 10  # the wrong (mean of batch means) loss must miss by this many tolerances
-METRICS = ("val/loss", "val/acc", "test/loss", "test/acc")
+EVAL_METRICS = ("val/loss", "val/acc", "test/loss", "test/acc")
+METRICS = ("train/loss", "train/acc", *EVAL_METRICS)
 
 
 @dataclass
@@ -137,6 +142,52 @@ def run_config(out: Path, device: str, precision: str, seed: int):  # -> Config
     )
 
 
+def recorder(autocast: torch.dtype | None):  # -> lightning.Callback
+    """A callback keeping what the run's own numbers must equal, per epoch: the training loss and accuracy of
+    the model applied by hand to each batch at the weights that step's forward used (float64 sums), the weights
+    each validation saw, and what the run logged for both (trainer.callback_metrics once they are final)."""
+    import copy
+
+    import lightning as L
+
+    from deepnets.handeval import by_hand
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.train: list[list[float]] = []  # per epoch: [loss sum, correct, n] by hand
+            self.logged_train: list[tuple[float, float]] = []
+            self.val_states: list[dict[str, torch.Tensor]] = []
+            self.logged_val: list[tuple[float, float]] = []
+
+        def _logged_train(self, trainer: L.Trainer) -> None:
+            m = trainer.callback_metrics  # the last epoch's epoch-level values, final after its end hooks
+            self.logged_train.append((float(m["train/loss"]), float(m["train/acc"])))
+
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+            if self.train:
+                self._logged_train(trainer)
+            self.train.append([0.0, 0.0, 0.0])
+
+        def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+            self._logged_train(trainer)
+
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            x, y = batch  # the weights this step's forward uses, under the run's autocast
+            loss, acc = by_hand(pl_module.model, x, y, autocast=autocast)
+            self.train[-1][0] += loss * len(y)
+            self.train[-1][1] += acc * len(y)
+            self.train[-1][2] += len(y)
+
+        def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+            self.val_states.append(copy.deepcopy(pl_module.model.state_dict()))
+
+        def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+            m = trainer.callback_metrics
+            self.logged_val.append((float(m["val/loss"]), float(m["val/acc"])))
+
+    return Record()
+
+
 def check_precision(out: Path, device: str, precision: str, seed: int, cli: bool) -> list[Row]:
     from deepnets.checkpoint import load_checkpoint
     from deepnets.data import load_splits
@@ -146,7 +197,8 @@ def check_precision(out: Path, device: str, precision: str, seed: int, cli: bool
     from deepnets.run import train
 
     cfg = run_config(out, device, precision, seed)
-    result = train(cfg)
+    record = recorder(torch.bfloat16 if precision == "bf16-mixed" else None)
+    result = train(cfg, callbacks=[record])
     if not result.ok:
         raise RuntimeError(f"precision {precision}: the run ended {result.status}: {result.error}")
     run_dir = result.run_dir
@@ -195,6 +247,30 @@ def check_precision(out: Path, device: str, precision: str, seed: int, cli: bool
             ref[f"{split}/loss"], ref[f"{split}/acc"] = loss, acc
         else:
             ref[f"{split}/loss"], ref[f"{split}/acc"] = exact[f"{split}/loss"], exact[f"{split}/acc"]
+    # training: every epoch's logged loss and accuracy, and the final ones in callback / metrics.json, against the
+    # model applied by hand to each batch at its step's weights (for bf16 under the same autocast: that checks
+    # the reduction); validation: every epoch's against the weights that validation saw
+    loss_sum, correct, n = record.train[-1]
+    ref["train/loss"], ref["train/acc"] = loss_sum / n, correct / n
+    for e, ((lsum, corr, count), (loss, acc)) in enumerate(zip(record.train, record.logged_train, strict=True), 1):
+        for metric, got, want in (("train/loss", loss, lsum / count), ("train/acc", acc, corr / count)):
+            ok, tol = close(metric, got, want)
+            rows.append(Row(precision, f"{metric}@{e}", "per-epoch", got, want, tol, ok))
+    x, y = data["val"]
+    for e, (state, (loss, acc)) in enumerate(zip(record.val_states, record.logged_val, strict=True), 1):
+        model = build_model(cfg.model, tuple(s.x_train.shape[1:]), num_classes)
+        model.load_state_dict(state)
+        model.eval()
+        if precision == "bf16-mixed":
+            dev = torch.device(device)
+            want = by_hand(model.float().to(dev), x.to(dev), y.to(dev), batch_size=EVAL_BATCH, autocast=torch.bfloat16)
+        else:
+            want = by_hand(model.double(), x.double(), y)
+        for metric, got, w in (("val/loss", loss, want[0]), ("val/acc", acc, want[1])):
+            ok, tol = close(metric, got, w)
+            rows.append(Row(precision, f"{metric}@{e}", "per-epoch", got, w, tol, ok))
+    if len(record.val_states) != EPOCHS or len(record.train) != EPOCHS:
+        rows.append(Row(precision, "epochs", "per-epoch", len(record.val_states), EPOCHS, "count", False))
     on_disk = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     for source, metrics in (("callback", result.metrics), ("metrics.json", on_disk)):
         for metric in METRICS:
@@ -204,7 +280,7 @@ def check_precision(out: Path, device: str, precision: str, seed: int, cli: bool
             ok, tol = close(metric, float(metrics[metric]), ref[metric])
             rows.append(Row(precision, metric, source, float(metrics[metric]), ref[metric], tol, ok))
     if precision == "bf16-mixed":
-        for metric in METRICS:
+        for metric in EVAL_METRICS:
             rows.append(Row(precision, metric, "bf16-vs-f64", ref[metric], exact[metric], "not judged", None))
     export = export_run(run_dir)
     evaluated = evaluate(export)  # the CPU float32 model, the float64 test reference

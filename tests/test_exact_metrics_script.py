@@ -41,7 +41,9 @@ def load_script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return mod
 
 
-WANT = {(m, src) for m in ("val/loss", "val/acc", "test/loss", "test/acc") for src in ("callback", "metrics.json")}
+METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc")
+WANT = {(m, src) for m in METRICS for src in ("callback", "metrics.json")}
+WANT |= {(f"{m}@{e}", "per-epoch") for m in ("train/loss", "train/acc", "val/loss", "val/acc") for e in (1, 2, 3)}
 WANT |= {(m, "evaluate()") for m in ("test/loss", "test/acc")} | {("val/loss", "blind?"), ("test/loss", "blind?")}
 CLI_ROWS = {(m, "--evaluate") for m in ("test/loss", "test/acc")}
 
@@ -93,8 +95,11 @@ def test_fails_when_the_batch_weights_are_dropped(
     assert rc == 1, out
     found = rows(out)
     for src in ("callback", "metrics.json"):
-        for metric in ("val/loss", "val/acc", "test/loss", "test/acc"):  # losses miss by ~2e-2, accuracies by ~2e-3
+        for metric in METRICS:  # losses miss by ~2e-2, accuracies by ~2e-3
             assert found[(metric, src)] == "FAIL", out
+    for e in (1, 2, 3):
+        for metric in ("train/loss", "val/loss"):
+            assert found[(f"{metric}@{e}", "per-epoch")] == "FAIL", out
     # evaluate() reduces through the same TaskModule metrics, so the fault reaches it too
     assert found[("test/loss", "evaluate()")] == "FAIL", out
     # the reference side is untouched: the check is still not blind
