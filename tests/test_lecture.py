@@ -270,3 +270,11 @@ def test_cli_bad_flag_is_one_error_line_and_writes_nothing(tmp_path: Path) -> No
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: --every: must be >= 1, got 0"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_double_descent_bad_override_is_one_error_line_and_writes_nothing(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "deepnets.experiments", "double_descent", "--threads", "bogus", "--ridge"]
+    r = subprocess.run([*cmd, "--out", str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == ["error: trainer.threads: expected int or auto, got 'bogus'"]
+    assert not (tmp_path / "runs").exists()

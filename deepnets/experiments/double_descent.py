@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*(QUICK if args.quick else []), f"trainer.threads={args.threads}", *args.overrides]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
 
+    for name in [args.config, *([args.ridge_config] if args.ridge else [])]:  # bad input: one line, nothing written
+        load_config(name, ["sweep.vectorize=true", *overrides])
     out = new_run_dir(args.out, "double_descent")
     print(f"double descent: run directory {out}")
     cfg, rows, ok = run_config(args.config, overrides, out, seeds)
