@@ -23,9 +23,10 @@ Why batched matmuls and not `torch.func.functional_call` + `vmap` (the model-ens
 vmap's `randomness="different"` draws dropout masks no standalone run can reproduce, and BatchNorm's
 in-place running-stat update under vmap needs the stacked buffers to be the module's own; the MLP's
 three ops (linear, norm, elementwise activation) are a few lines each by hand, exact and cheaper per step
-on a CPU (no functorch dispatch). The members' parameters are stacked (`torch.stack`, a copy) in every
-forward rather than held stacked, so that torch.optim's per-parameter-group hyperparameters and each
-member's state_dict stay those of a standalone run.
+on a CPU (no functorch dispatch). Each Linear's members are held as one stacked tensor whose slices the
+members' parameters and gradients are views of (ShapeGroup), while the optimizer updates each member's own
+tensor: torch.optim's per-parameter-group hyperparameters and each member's state_dict stay those of a
+standalone run, and so does every bit (a fused update of the stacked tensor would not: build_stacked_optimizer).
 
 What cannot be stacked exactly is refused by `check_vectorize`, one line naming the key.
 """
