@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -823,17 +823,22 @@ def forward_flops(cfg: Config) -> float | None:
         return None
 
 
-def resolve_threads(threads: int | str, cfg: Config | None = None) -> int:
+def resolve_threads(
+    threads: int | str, cfg: Config | None = None, count_flops: Callable[[], float | None] | None = None
+) -> int:
     """`trainer.threads` as a count. auto: OMP_NUM_THREADS where the environment sets it; else
-    `auto_threads` from the usable cores, the model's forward FLOPs (of `cfg`; unknown without it)
-    and the load sampled now (only where the model is big enough for it to matter). So auto can pick
-    differently from one run to the next; a fixed `trainer.threads: N` is the reproducible choice."""
+    `auto_threads` from the usable cores, the model's forward FLOPs (of `cfg`, or what `count_flops`
+    returns, e.g. a stacked run's members together; unknown without either) and the load sampled now
+    (only where the model is big enough for it to matter). So auto can pick differently from one run to
+    the next; a fixed `trainer.threads: N` is the reproducible choice."""
     if threads != "auto":
         return int(threads)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
     cores = available_cores()
-    flops = forward_flops(cfg) if cfg is not None and cores > 1 else None
+    if count_flops is None and cfg is not None:
+        count_flops = functools.partial(forward_flops, cfg)
+    flops = count_flops() if count_flops is not None and cores > 1 else None
     small = cores <= 1 or (flops is not None and flops < SMALL_FORWARD_FLOPS)
     busy = None if small else sample_busy()
     return auto_threads(cores, busy, flops, _TORCH_THREADS)

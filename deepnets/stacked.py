@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -166,14 +165,21 @@ def _layers_of(model: MLP) -> list[list[nn.Module]]:
 
 
 def _alias(params: Sequence[nn.Parameter]) -> Tensor:
-    """One leaf tensor (M, ...) holding the members' parameters, which become views of it (same values), with
-    a zeroed gradient whose slices become the members' gradients."""
+    """One leaf tensor (M, ...) holding the members' parameters, which become views of it (same values), and
+    whose gradient the members' gradients are views of (`_alias_grads`)."""
     stacked = torch.stack([p.detach() for p in params]).requires_grad_(params[0].requires_grad)
-    stacked.grad = torch.zeros_like(stacked)
     for m, p in enumerate(params):
         p.data = stacked.detach()[m]
-        p.grad = stacked.grad[m]
+    _alias_grads(stacked, params)
     return stacked
+
+
+def _alias_grads(stacked: Tensor, params: Sequence[nn.Parameter]) -> None:
+    """The members' gradients as views of the stacked one (zeros where it has none yet)."""
+    if stacked.grad is None:
+        stacked.grad = torch.zeros_like(stacked)
+    for m, p in enumerate(params):
+        p.grad = stacked.grad[m]
 
 
 def cross_entropy(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -249,11 +255,9 @@ class ShapeGroup(nn.Module):
         first, leaf = self.linears[0][0][0], self.stacked[0][0]
         if first.grad is None or leaf.grad is None or first.grad.data_ptr() != leaf.grad.data_ptr():
             for (weights, biases), (w, b) in zip(self.linears, self.stacked, strict=True):
-                for params, t in ((weights, w), (biases, b)):
-                    if params is not None and t is not None:
-                        t.grad = torch.zeros_like(t) if t.grad is None else t.grad
-                        for m, p in enumerate(params):
-                            p.grad = t.grad[m]
+                _alias_grads(w, weights)
+                if b is not None and biases is not None:
+                    _alias_grads(b, biases)
         return [t.grad for pair in self.stacked for t in pair if t is not None]  # type: ignore[misc]
 
     def forward(self, x: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
@@ -262,7 +266,8 @@ class ShapeGroup(nn.Module):
         for op, arg in self.plan:
             if op == "linear":
                 w, b = self.stacked[arg]  # (M, out, in), (M, out)
-                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)) if b is not None else torch.bmm(h, w.mT)
+                wt = w.transpose(1, 2)  # (M, in, out)
+                h = torch.baddbmm(b.unsqueeze(1), h, wt) if b is not None else torch.bmm(h, wt)
             elif op == "bn":
                 h = self._batch_norm(h, arg)
             elif op == "act":
@@ -272,9 +277,8 @@ class ShapeGroup(nn.Module):
         return h  # (M, B, K)
 
     def _dropout(self, h: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
-        """Each member's F.dropout mask, drawn from its own generator in the order its standalone run draws."""
-        if not any(p > 0 for p in self.dropout):
-            return h
+        """Each member's F.dropout mask, drawn from its own generator in the order its standalone run draws
+        (in the plan only where some member has dropout)."""
         masks = []
         for p, g in zip(self.dropout, generators, strict=True):
             if p > 0:  # F.dropout on the CPU: noise = empty_like(x).bernoulli_(1 - p).div_(1 - p); x * noise
@@ -685,29 +689,20 @@ def stacked_threads(cfgs: Sequence[Config]) -> int:
     batch statistics do (its reductions split across threads): with BatchNorm, the members' standalone count
     keeps them equal to their standalone runs (auto gives small nets 1 thread; the smallest where they differ).
     """
-    from deepnets.run import (
-        _TORCH_THREADS,
-        SMALL_FORWARD_FLOPS,
-        auto_threads,
-        available_cores,
-        forward_flops,
-        resolve_threads,
-        sample_busy,
-    )
+    from deepnets.run import forward_flops, resolve_threads
 
     requested = cfgs[0].trainer.threads  # one run key: the members agree
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if requested != "auto" or (omp.isdigit() and int(omp) > 0):
-        return resolve_threads(requested)
     shapes = {shape_key(c): c for c in cfgs}
     if any(c.model.batch_norm for c in cfgs):
-        return min(resolve_threads("auto", c) for c in shapes.values())
-    cores = available_cores()
-    flops_of = {k: forward_flops(c) for k, c in shapes.items()} if cores > 1 else {}
-    known = [f for f in flops_of.values() if f is not None]
-    total = sum(flops_of[shape_key(c)] or 0.0 for c in cfgs) if len(known) == len(flops_of) and known else None
-    busy = sample_busy() if total is not None and total >= SMALL_FORWARD_FLOPS else None
-    return auto_threads(cores, busy, total, _TORCH_THREADS)
+        return min(resolve_threads(requested, c) for c in shapes.values())
+
+    def total_flops() -> float | None:  # each distinct net counted once (a meta-device forward)
+        per_shape = {k: forward_flops(c) for k, c in shapes.items()}
+        if any(f is None for f in per_shape.values()):
+            return None
+        return sum(per_shape[shape_key(c)] for c in cfgs)  # type: ignore[misc]
+
+    return resolve_threads(requested, count_flops=total_flops)
 
 
 def _train_grouped(cfgs: Sequence[Config], quiet: bool) -> list[Any]:

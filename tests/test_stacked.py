@@ -339,3 +339,25 @@ def test_stacked_sweep_without_validation_prints_no_library_warning(tmp_path: Pa
     noise = [line for line in (proc.stdout + proc.stderr).splitlines() if "arning" in line or "warn(" in line]
     assert noise == [], proc.stdout + proc.stderr
     assert "sweep: 4/4 runs ok" in proc.stdout
+
+
+def test_members_gradients_stay_views_of_the_stacked_gradient_after_zero_grad() -> None:
+    """Module.zero_grad() (Lightning's before each validation) drops the members' gradients; the next
+    stacked_grads() makes them views of the stacked gradient again, so backward reaches the optimizer."""
+    from deepnets.models import build_model
+    from deepnets.stacked import ShapeGroup
+
+    torch.manual_seed(0)
+    spec = {"arch": "mlp", "depth": 1, "width": 5}
+    group = ShapeGroup([build_model(spec, (6,), 3), build_model(spec, (6,), 3)], [0.0, 0.0])
+    group.bind()
+    group.zero_grad(set_to_none=True)
+    assert all(p.grad is None for m in group.members for p in m.parameters())
+    grads = group.stacked_grads()
+    group(torch.randn(2, 4, 6), None).sum().backward()
+    (w, b), _ = group.stacked
+    for m, member in enumerate(group.members):
+        layer = member.layers[0][0]
+        assert layer.weight.grad.data_ptr() == w.grad[m].data_ptr() and torch.equal(layer.weight.grad, w.grad[m])
+        assert layer.bias.grad.data_ptr() == b.grad[m].data_ptr() and layer.bias.grad.abs().sum() > 0
+    assert grads[0] is w.grad
