@@ -159,6 +159,9 @@ def _override(draw: st.DrawFn) -> str:
 
 
 KEY_NAMES = {k for k, _ in KEYS} | {f.name for f in dataclasses.fields(Config)}
+# keys whose value is a mapping (model.kwargs, optim.kwargs, sweep.params): an entry's path, model.kwargs.NAME,
+# is how deepnets names it (README: `model.kwargs.chanels: TinyConvNet() takes no argument 'chanels'`)
+MAPPING_KEYS = tuple(f"{k}." for k, tp in KEYS if typing.get_origin(tp) is dict)
 
 
 def _names_a_culprit(msg: str, base: str | None) -> bool:
@@ -166,6 +169,7 @@ def _names_a_culprit(msg: str, base: str | None) -> bool:
     head = re.split(r"[:= ]", msg, maxsplit=1)[0]
     return (
         re.sub(r"\[\d+\]$", "", head) in KEY_NAMES
+        or head.startswith(MAPPING_KEYS)
         or msg.startswith(("override ", "unknown key ", "trainer.lr_find and trainer.lr_probe"))
         or (base is not None and head.endswith(".yaml"))
     )
