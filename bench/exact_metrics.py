@@ -213,11 +213,20 @@ def check_precision(out: Path, device: str, precision: str, seed: int, cli: bool
             raise RuntimeError(f"{split} split: {n} samples in batches of {b} leave no smaller last batch")
     num_classes = int(s.y_train.max()) + 1
 
+    def model_with(state: dict[str, torch.Tensor]) -> nn.Module:
+        model = build_model(cfg.model, tuple(s.x_train.shape[1:]), num_classes)
+        model.load_state_dict(state)
+        return model.eval()
+
     def model_from(ckpt: Path) -> nn.Module:
         state = load_checkpoint(ckpt)["state_dict"]
-        model = build_model(cfg.model, tuple(s.x_train.shape[1:]), num_classes)
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-        return model.eval()
+        return model_with({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+
+    def bf16_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """The same weights under the same autocast on the device, with the eval loader's batches (its kernels),
+        reduced by hand: what a bf16 run's numbers are judged against."""
+        dev = torch.device(device)
+        return by_hand(model.float().to(dev), x.to(dev), y.to(dev), batch_size=EVAL_BATCH, autocast=torch.bfloat16)
 
     models = {"val": model_from(run_dir / "checkpoints" / "last.ckpt"), "test": model_from(best_checkpoint(run_dir))}
     data = {"val": (s.x_val, s.y_val), "test": (s.x_test, s.y_test)}
@@ -241,10 +250,7 @@ def check_precision(out: Path, device: str, precision: str, seed: int, cli: bool
             )
         )
         if precision == "bf16-mixed":
-            dev = torch.device(device)
-            m = models[split].float().to(dev)
-            loss, acc = by_hand(m, x.to(dev), y.to(dev), batch_size=EVAL_BATCH, autocast=torch.bfloat16)
-            ref[f"{split}/loss"], ref[f"{split}/acc"] = loss, acc
+            ref[f"{split}/loss"], ref[f"{split}/acc"] = bf16_reference(models[split], x, y)
         else:
             ref[f"{split}/loss"], ref[f"{split}/acc"] = exact[f"{split}/loss"], exact[f"{split}/acc"]
     # training: every epoch's logged loss and accuracy, and the final ones in callback / metrics.json, against the
@@ -258,14 +264,8 @@ def check_precision(out: Path, device: str, precision: str, seed: int, cli: bool
             rows.append(Row(precision, f"{metric}@{e}", "per-epoch", got, want, tol, ok))
     x, y = data["val"]
     for e, (state, (loss, acc)) in enumerate(zip(record.val_states, record.logged_val, strict=True), 1):
-        model = build_model(cfg.model, tuple(s.x_train.shape[1:]), num_classes)
-        model.load_state_dict(state)
-        model.eval()
-        if precision == "bf16-mixed":
-            dev = torch.device(device)
-            want = by_hand(model.float().to(dev), x.to(dev), y.to(dev), batch_size=EVAL_BATCH, autocast=torch.bfloat16)
-        else:
-            want = by_hand(model.double(), x.double(), y)
+        model = model_with(state)
+        want = bf16_reference(model, x, y) if precision == "bf16-mixed" else by_hand(model.double(), x.double(), y)
         for metric, got, w in (("val/loss", loss, want[0]), ("val/acc", acc, want[1])):
             ok, tol = close(metric, got, w)
             rows.append(Row(precision, f"{metric}@{e}", "per-epoch", got, w, tol, ok))
