@@ -361,3 +361,47 @@ def test_members_gradients_stay_views_of_the_stacked_gradient_after_zero_grad() 
         assert layer.weight.grad.data_ptr() == w.grad[m].data_ptr() and torch.equal(layer.weight.grad, w.grad[m])
         assert layer.bias.grad.data_ptr() == b.grad[m].data_ptr() and layer.bias.grad.abs().sum() > 0
     assert grads[0] is w.grad
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_one_fused_call_optimizer_is_torchs_fused_step_bit_for_bit(name: str) -> None:
+    """The stacked run's Adam / AdamW (one torch._fused_adam(w)_ call per group, one add for every step
+    counter) against torch's own fused step: every parameter and state tensor equal bitwise, through lr
+    changes, a step where one gradient is missing (torch's step: that counter stays), and a state loaded back."""
+    from deepnets.stacked import Adam, AdamW
+
+    ours, theirs = {"adam": (Adam, torch.optim.Adam), "adamw": (AdamW, torch.optim.AdamW)}[name]
+    assert ours.__name__ == theirs.__name__  # the TensorBoard lr tag (lr-Adam) is the class name
+    for wd, amsgrad, maximize in [(0.0, False, False), (0.1, True, False), (0.05, False, True)]:
+        torch.manual_seed(0)
+        shapes = [(7, 5), (5,), (10, 33), (10,), (64, 3)]
+        a = [torch.randn(s, requires_grad=True) for s in shapes]
+        b = [t.detach().clone().requires_grad_() for t in a]
+        kw = {"lr": 0.01, "weight_decay": wd, "amsgrad": amsgrad, "maximize": maximize, "fused": True}
+        oa = ours([{"params": a[:3]}, {"params": a[3:], "lr": 0.003}], **kw)
+        ob = theirs([{"params": b[:3]}, {"params": b[3:], "lr": 0.003}], **kw)
+        fused: list[bool] = []
+
+        def spy(real=oa._step_fused, fused=fused) -> bool:
+            fused.append(real())
+            return fused[-1]
+
+        oa._step_fused = spy  # type: ignore[method-assign]
+        for step in range(12):
+            g = [torch.randn(s) for s in shapes]
+            for xs in (a, b):
+                for t, gg in zip(xs, g, strict=True):
+                    t.grad = None if (step == 5 and t is xs[1]) else gg.clone()
+            oa.step()
+            ob.step()
+            for o in (oa, ob):
+                o.param_groups[0]["lr"] *= 0.8
+            if step == 8:
+                oa.load_state_dict(oa.state_dict())  # a new state: torch's step once, then the fused one again
+        # torch's step for the first (no state yet), the missing gradient, and the first after loading
+        assert [i for i, f in enumerate(fused) if not f] == [0, 5, 9]
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+        sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
+        assert sa.keys() == sb.keys() and float(sa[1]["step"]) == 11 and float(sa[0]["step"]) == 12
+        for i in sb:
+            assert sa[i].keys() == sb[i].keys() and all(torch.equal(sa[i][k], sb[i][k]) for k in sb[i])
