@@ -616,9 +616,10 @@ class _OneFusedCall:
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            if not self._step_fused():
-                _unwrapped_step(self._torch)(self)  # torch's own step (without its hooks: they ran around this one)
-                self._list_tensors()
+            fused = self._step_fused()
+        if not fused:
+            _unwrapped_step(self._torch)(self)  # torch's own step (without its hooks: they ran around this one)
+            self._list_tensors()
         return loss
 
     def _key(self) -> tuple[int, ...]:
@@ -686,11 +687,11 @@ class _OneFusedCall:
 
 
 def _unwrapped_step(cls: type) -> Any:
-    """`cls.step` without the profiling / hook wrapper torch.optim puts around a class's step when an
-    instance is made (functools.wraps keeps the original as `__wrapped__`)."""
-    import inspect
-
-    return inspect.unwrap(cls.step)
+    """`cls.step` without the profiling / hook wrapper torch.optim puts around a class's step when an instance
+    is made (marked `hooked`; functools.wraps keeps the step it wraps as `__wrapped__`), but with the step's
+    own decorator (its grad mode)."""
+    step = cls.step
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
 class Adam(_OneFusedCall, torch.optim.Adam):

@@ -387,6 +387,9 @@ def test_one_fused_call_optimizer_is_torchs_fused_step_bit_for_bit(name: str) ->
             return fused[-1]
 
         oa._step_fused = spy  # type: ignore[method-assign]
+        hooks: list[int] = []
+        oa.register_step_pre_hook(lambda *_, hooks=hooks: hooks.append(1))
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # an instance hooks torch's own step too
         for step in range(12):
             g = [torch.randn(s) for s in shapes]
             for xs in (a, b):
@@ -400,6 +403,7 @@ def test_one_fused_call_optimizer_is_torchs_fused_step_bit_for_bit(name: str) ->
                 oa.load_state_dict(oa.state_dict())  # a new state: torch's step once, then the fused one again
         # torch's step for the first (no state yet), the missing gradient, and the first after loading
         assert [i for i, f in enumerate(fused) if not f] == [0, 5, 9]
+        assert len(hooks) == 12  # once a step, torch's steps included
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
         sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
         assert sa.keys() == sb.keys() and float(sa[1]["step"]) == 11 and float(sa[0]["step"]) == 12
