@@ -17,39 +17,37 @@ import dataclasses
 import statistics
 import time
 
-import lightning as L
 import torch
 
 from deepnets import stacked as S
-from deepnets.config import load_config
-from deepnets.models import build_model
+from deepnets.config import Config, load_config
 
 PARTS = ("forward", "backward", "optimizer", "zero_grad")
 
 
-def build(torch_adam: bool) -> tuple[S.StackedClassifier, torch.optim.Optimizer, list[tuple[torch.Tensor, ...]]]:
-    base = load_config("double_descent", [])
+def stacked_sweep(config: str) -> tuple[list[Config], S.StackedClassifier, torch.optim.Optimizer, S.StackedBatches]:
+    """The sweep's points (its params x seeds; model.width here) as `train_stacked` builds them, without
+    Lightning: configs, module, optimizer, training batches."""
+    base = load_config(config, [])
     cfgs = [
         dataclasses.replace(base, seed=s, model=dataclasses.replace(base.model, width=w))
         for w in base.sweep.params["model.width"]
         for s in base.sweep.seeds
     ]
     data, y_train, _, _ = S._load_data(cfgs)
-    models, gens = [], []
-    for c in cfgs:  # as _train_grouped
-        L.seed_everything(c.seed, verbose=False)
-        models.append(build_model(c.model, data.input_shape, data.num_classes))
-        g = torch.Generator()
-        g.set_state(torch.get_rng_state())
-        gens.append(g)
-    module = S.StackedClassifier(cfgs, models, gens)
+    models, gens = S.build_members(cfgs, data)
     optimizer, _ = S.build_stacked_optimizer(models, cfgs)
-    if torch_adam:  # the same param groups, torch's own class (its step)
-        optimizer = torch.optim.Adam([dict(g) for g in optimizer.param_groups], fused=True)
     s = data.splits
     assert s is not None
-    batches = list(S.StackedBatches(s.x_train, y_train, [c.seed for c in cfgs], cfgs[0].data.batch_size, False))
-    return module, optimizer, batches
+    loader = S.StackedBatches(s.x_train, y_train, [c.seed for c in cfgs], base.data.batch_size, False)
+    return cfgs, S.StackedClassifier(cfgs, models, gens), optimizer, loader
+
+
+def build(torch_adam: bool) -> tuple[S.StackedClassifier, torch.optim.Optimizer, list[tuple[torch.Tensor, ...]]]:
+    _, module, optimizer, loader = stacked_sweep("double_descent")
+    if torch_adam:  # the same param groups, torch's own class (its step)
+        optimizer = torch.optim.Adam([dict(g) for g in optimizer.param_groups], fused=True)
+    return module, optimizer, list(loader)
 
 
 def steps(module: S.StackedClassifier, optimizer: torch.optim.Optimizer, batches: list, n: int) -> dict[str, float]:

@@ -14,15 +14,12 @@ vanished) are subnormal, and the step keeps its speed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
-import lightning as L
 import torch
+from stacked_step import stacked_sweep  # bench/, this script's folder
 
 from deepnets import stacked as S
-from deepnets.config import load_config
-from deepnets.models import build_model
 from deepnets.module import build_scheduler
 
 TINY = torch.finfo(torch.float32).tiny  # 2^-126, the smallest normal float32
@@ -40,25 +37,8 @@ def main() -> None:
     p.add_argument("--block", type=int, default=200)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    base = load_config(args.config, [])
-    cfgs = [
-        dataclasses.replace(base, seed=s, model=dataclasses.replace(base.model, width=w))
-        for w in base.sweep.params["model.width"]
-        for s in base.sweep.seeds
-    ]
-    data, y_train, _, _ = S._load_data(cfgs)
-    models, gens = [], []
-    for c in cfgs:  # as _train_grouped
-        L.seed_everything(c.seed, verbose=False)
-        models.append(build_model(c.model, data.input_shape, data.num_classes))
-        g = torch.Generator()
-        g.set_state(torch.get_rng_state())
-        gens.append(g)
-    module = S.StackedClassifier(cfgs, models, gens)
-    optimizer, _ = S.build_stacked_optimizer(models, cfgs)
-    s = data.splits
-    assert s is not None
-    loader = S.StackedBatches(s.x_train, y_train, [c.seed for c in cfgs], base.data.batch_size, False)
+    cfgs, module, optimizer, loader = stacked_sweep(args.config)
+    base = cfgs[0]
     total = len(loader) * base.trainer.max_epochs
     scheduler = build_scheduler(optimizer, base.scheduler, total, len(loader), base.optim.lr)
     print(f"{args.config}: {len(cfgs)} nets, {total} steps, {args.threads} threads")

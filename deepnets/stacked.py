@@ -740,6 +740,19 @@ def _load_data(cfgs: Sequence[Config]) -> tuple[InMemoryDataModule, Tensor, Tens
     return dms[0], y_train, y_val, y_test
 
 
+def build_members(cfgs: Sequence[Config], data: InMemoryDataModule) -> tuple[list[nn.Module], list[torch.Generator]]:
+    """Each member's model and dropout generator, as its standalone `train()` has them: seed_everything, (the
+    data,) build_model; its dropout then draws from the global RNG, whose state the generator takes."""
+    models, gens = [], []
+    for c in cfgs:
+        L.seed_everything(c.seed, workers=True, verbose=False)
+        models.append(build_model(c.model, data.input_shape, data.num_classes))
+        g = torch.Generator()
+        g.set_state(torch.get_rng_state())
+        gens.append(g)
+    return models, gens
+
+
 def _open_member(m: Member, threads: int) -> None:
     from deepnets.run import RunRecord, make_run_dir
 
@@ -837,13 +850,7 @@ def _train_grouped(cfgs: Sequence[Config], quiet: bool) -> list[Any]:
     with StopSignals() as stop:
         try:
             data, y_train, y_val, y_test = _load_data(cfgs)
-            models, gens = [], []
-            for c in cfgs:  # as train(): seed_everything, (data,) build_model; dropout then draws from the global RNG
-                L.seed_everything(c.seed, workers=True, verbose=False)
-                models.append(build_model(c.model, data.input_shape, data.num_classes))
-                g = torch.Generator()
-                g.set_state(torch.get_rng_state())
-                gens.append(g)
+            models, gens = build_members(cfgs, data)
         except Interrupted as e:
             return [RunResult(None, "interrupted", error=str(e), signum=e.signum) for _ in cfgs]
         if any(not isinstance(m, MLP) for m in models):
