@@ -629,9 +629,8 @@ class _OneFusedCall:
     def _step_fused(self) -> bool:
         opt: Any = self
         plan = self._plan
-        if plan is None or plan[0] != self._key() or getattr(opt, "grad_scale", None) is not None:
-            return False
-        if getattr(opt, "found_inf", None) is not None:
+        scaled = getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None
+        if plan is None or plan[0] != self._key() or scaled:
             return False
         _, steps, groups = plan
         grads = [[p.grad for p in params] for _, params, _ in groups]
@@ -664,7 +663,7 @@ class _OneFusedCall:
         """The plan of `_step_fused`, where every parameter has its state on one device and dtype; else none."""
         opt: Any = self
         self._plan = None
-        groups, steps = [], []
+        groups = []
         for group in opt.param_groups:
             if not group["fused"] or group["capturable"] or group["differentiable"] or torch.is_tensor(group["lr"]):
                 return
@@ -672,11 +671,12 @@ class _OneFusedCall:
             states = [opt.state.get(p) for p in params]
             if any(not s or "step" not in s for s in states):
                 return
-            keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
-            lists = [[s[k] for s in states] for k in keys] + ([[]] if not group["amsgrad"] else [])
-            groups.append((group, params, [*lists, [s["step"] for s in states]]))
-            steps += [s["step"] for s in states]
-        if not steps or len({(s.device, s.dtype, s.shape) for s in steps}) != 1 or steps[0].shape != ():
+            lists = [[s[k] for s in states] for k in ("exp_avg", "exp_avg_sq")]
+            lists.append([s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [])
+            lists.append([s["step"] for s in states])
+            groups.append((group, params, lists))
+        steps = [t for _, _, lists in groups for t in lists[-1]]
+        if not steps or len({(t.device, t.dtype, t.shape) for t in steps}) != 1 or steps[0].shape != ():
             return
         stacked = torch.stack(steps)
         views = iter(stacked.unbind())
