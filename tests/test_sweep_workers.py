@@ -78,12 +78,10 @@ def _spans(trials: list) -> dict[str, tuple[float, float]]:
     return out
 
 
-# Each run trains long enough (~1 s) that workers started together are busy at the same time.
-SIX = ["sweep.params={model.width: [4, 8, 16]}", "sweep.seeds=[0, 1]", "trainer.max_epochs=6"]
-# For workers started as separate processes: each of the 6 runs ~1.5 s (6 epochs took ~0.16 s on a CI box,
-# where one worker ran all 6 before the other had finished importing), so that one worker alone would need
-# ~9 s, several times the two processes' start-up skew.
-SIX_LONG = [*SIX[:2], "trainer.max_epochs=90"]
+# Each run trains long enough (90 epochs, ~1.9 s) that two worker processes started together are busy at the
+# same time: one alone would need ~11 s for the six, several times their start-up skew. With 6 epochs (~0.16 s
+# a run) a CI box saw one worker run all six before the other had finished importing.
+SIX = ["sweep.params={model.width: [4, 8, 16]}", "sweep.seeds=[0, 1]", "trainer.max_epochs=90"]
 
 
 def test_two_local_workers_run_every_point_once_and_overlap(tmp_path: Path) -> None:
@@ -237,7 +235,7 @@ def test_workers_started_separately_share_one_storage(tmp_path: Path, where: str
     if where == "postgresql":
         url = request.getfixturevalue("postgres_db")
         extra = [f"sweep.storage={url}"]
-    cfg = load_config("mlp", [*_args(tmp_path, *SIX_LONG, "sweep.workers=0", *extra)[2:]])
+    cfg = load_config("mlp", [*_args(tmp_path, *SIX, "sweep.workers=0", *extra)[2:]])
     sweep_dir, study, total = create_sweep(cfg, verbose=False)
     assert total == 6
     join = ["--sweep-worker", str(sweep_dir)] if where == "sweep_dir" else ["--sweep-worker", url, "--study", study]
